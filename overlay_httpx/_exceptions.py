@@ -14,7 +14,9 @@ catches ``ValueError`` or ``FileNotFoundError`` keeps working::
     ├── LocalProtocolError                     you misused an API (h11's split)
     │   └── NoiseStateError                    e.g. writing out of turn
     └── RemoteProtocolError                    the peer sent something invalid
-        └── NoiseDecryptError                  AEAD authentication failed
+        ├── NoiseDecryptError                  AEAD authentication failed
+        ├── FrameError                         a frame or packet could not be decoded
+        └── FlowControlError                   the peer sent beyond a limit we gave it
 
 The mapping to httpx exceptions lives in one place, beside the transport.
 """
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 __all__ = [
     "AddressError",
+    "FlowControlError",
+    "FrameError",
     "IdentityCorrupt",
     "IdentityError",
     "IdentityExists",
@@ -78,3 +82,11 @@ class NoiseStateError(LocalProtocolError):
 
 class NoiseDecryptError(RemoteProtocolError):
     """A Noise message failed authentication or was malformed."""
+
+
+class FrameError(RemoteProtocolError):
+    """A packet or frame from the peer was malformed (truncated, bad type, overflow)."""
+
+
+class FlowControlError(RemoteProtocolError):
+    """The peer sent data past a flow-control limit or changed a stream's final size."""

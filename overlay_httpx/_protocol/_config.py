@@ -1,0 +1,55 @@
+"""Tunnel tuning knobs, validated once so the state machines can trust them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Final
+
+__all__ = ["MIN_DATAGRAM_SIZE", "TunnelConfig"]
+
+MIN_DATAGRAM_SIZE: Final = 1200
+MAX_DATAGRAM_SIZE: Final = 65_000
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelConfig:
+    """Per-tunnel settings; every duration is in seconds.
+
+    Defaults follow the design brief: 1200-byte datagrams (safe on every
+    path), keepalive after 30 s idle, idle timeout 120 s, a new handshake after
+    120 s of use, handshake given up after 5 s.
+    """
+
+    max_datagram_size: int = MIN_DATAGRAM_SIZE
+    handshake_timeout: float = 5.0
+    handshake_retry: float = 0.25
+    keepalive: float | None = 30.0
+    persistent_keepalive: bool = False
+    idle_timeout: float = 120.0
+    rekey_after_time: float = 120.0
+    rekey_after_messages: int = 2**60
+    max_streams: int = 1024
+    initial_max_data: int = 1 << 20
+    max_data_window: int = 64 << 20
+    initial_max_stream_data: int = 256 << 10
+    max_stream_data_window: int = 16 << 20
+    send_buffer_limit: int = 1 << 20
+    max_ack_delay: float = 0.025
+    initial_rtt: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not MIN_DATAGRAM_SIZE <= self.max_datagram_size <= MAX_DATAGRAM_SIZE:
+            raise ValueError(
+                f"max_datagram_size={self.max_datagram_size}: expected "
+                f"{MIN_DATAGRAM_SIZE}..{MAX_DATAGRAM_SIZE}"
+            )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or value is None:
+                continue
+            if value <= 0:
+                raise ValueError(f"{f.name}={value!r}: expected a positive number")
+        if self.keepalive is not None and self.keepalive >= self.idle_timeout:
+            raise ValueError(
+                f"keepalive={self.keepalive} must be shorter than idle_timeout={self.idle_timeout}"
+            )

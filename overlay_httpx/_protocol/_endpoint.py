@@ -1,0 +1,239 @@
+"""The sans-IO endpoint: one identity, one datagram socket's worth of tunnels.
+
+`Endpoint` demultiplexes datagrams by type and session index, answers
+initiations (after the MAC, the Noise handshake, the replay timestamp and the
+trust policy all agree), and gathers every tunnel's datagrams, timers and
+events. `receive_datagram` never raises: whatever is wrong with a datagram,
+it is dropped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Final
+
+from .._address import Address
+from .._identity import Identity, PublicIdentity
+from ._config import TunnelConfig
+from ._events import Event
+from ._packet import (
+    TYPE_DATA,
+    TYPE_INIT,
+    TYPE_RESPONSE,
+    DataHeader,
+    HandshakeInit,
+    HandshakeResponse,
+)
+from ._sessions import LocalKeys, Session, accept_initiation, random_index
+from ._stats import EndpointStatistics
+from ._tunnel import Tunnel
+
+__all__ = ["Endpoint", "TrustCallback"]
+
+TrustCallback = Callable[[PublicIdentity, Address], bool]
+"""Called for each authenticated initiation before any state is kept."""
+
+_ONE_SECOND_NS: Final = 1_000_000_000
+
+
+class Endpoint:
+    """Every tunnel of one node, driven by datagrams and explicit time."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        address: Address,
+        *,
+        config: TunnelConfig | None = None,
+        trust: TrustCallback | None = None,
+        timestamp_origin_ns: int = 0,
+        boot_id: int | None = None,
+    ) -> None:
+        self.keys = LocalKeys.create(identity, address)
+        self.config = config or TunnelConfig()
+        self.boot_id = boot_id if boot_id is not None else struct.unpack("!Q", os.urandom(8))[0]
+        self._trust = trust
+        self._timestamp_origin = timestamp_origin_ns
+        self._last_timestamp = 0
+        self._tunnels: dict[bytes, Tunnel] = {}
+        self._indexes: dict[int, Tunnel] = {}
+        self._accepted_timestamps: dict[bytes, int] = {}
+        self._listening: set[int] = set()
+        self._events: deque[Event] = deque()
+        self._out: list[tuple[bytes, tuple[str, int]]] = []
+        self._drops: Counter[str] = Counter()
+        self._received = 0
+        self._sent = 0
+
+    @property
+    def address(self) -> Address:
+        return self.keys.address
+
+    @property
+    def public(self) -> PublicIdentity:
+        return self.keys.identity.public
+
+    # -- owner interface used by tunnels -------------------------------------------
+
+    def new_index(self, tunnel: Tunnel) -> int:
+        while True:
+            index = random_index()
+            if index not in self._indexes:
+                self._indexes[index] = tunnel
+                return index
+
+    def release_index(self, index: int) -> None:
+        self._indexes.pop(index, None)
+
+    def is_listening(self, port: int) -> bool:
+        return port in self._listening
+
+    def timestamp(self, now: float) -> int:
+        stamp = max(self._timestamp_origin + int(now * _ONE_SECOND_NS), self._last_timestamp + 1)
+        self._last_timestamp = stamp
+        return stamp
+
+    def emit(self, event: Event) -> None:
+        self._events.append(event)
+
+    def count_drop(self, reason: str) -> None:
+        self._drops[reason] += 1
+
+    # -- application interface ---------------------------------------------------------
+
+    def listen(self, port: int) -> None:
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port {port} out of range: expected 0..65535")
+        self._listening.add(port)
+
+    def unlisten(self, port: int) -> None:
+        self._listening.discard(port)
+
+    def tunnel(self, peer: PublicIdentity | bytes) -> Tunnel | None:
+        key = peer.x25519 if isinstance(peer, PublicIdentity) else peer
+        return self._tunnels.get(key)
+
+    def tunnels(self) -> list[Tunnel]:
+        return list(self._tunnels.values())
+
+    def connect(self, peer: PublicIdentity | bytes, addr: tuple[str, int], now: float) -> Tunnel:
+        """The tunnel to `peer`, starting a handshake to `addr` if none exists."""
+        key = peer.x25519 if isinstance(peer, PublicIdentity) else peer
+        if key == self.keys.static.public:
+            raise ValueError("cannot open a tunnel to ourselves")
+        tunnel = self._tunnels.get(key)
+        if tunnel is None or tunnel.is_closed:
+            tunnel = self._tunnels[key] = Tunnel(self, key, addr)
+        tunnel.connect(now)
+        return tunnel
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def close(self, now: float, reason: str = "endpoint closed") -> None:
+        for tunnel in self._tunnels.values():
+            tunnel.close(now, reason=reason)
+
+    # -- datagrams ---------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> None:
+        """Feed one datagram from `addr`. Never raises; bad input is counted and dropped."""
+        self._received += 1
+        try:
+            self._dispatch(bytes(data), addr, now)
+        except Exception:  # a bug must not let a datagram crash the node
+            self._drops["internal_error"] += 1
+
+    def _dispatch(self, data: bytes, addr: tuple[str, int], now: float) -> None:
+        if not data:
+            self._drops["malformed"] += 1
+            return
+        kind = data[0]
+        if kind == TYPE_DATA:
+            header = DataHeader.unpack(data)
+            if header is None:
+                self._drops["malformed"] += 1
+                return
+            index, counter = header
+            tunnel = self._indexes.get(index)
+            session = _session_for(tunnel, index) if tunnel is not None else None
+            if tunnel is None or session is None:
+                self._drops["unknown_session"] += 1
+                return
+            tunnel.handle_data(session, counter, data, addr, now)
+        elif kind == TYPE_INIT:
+            self._on_initiation(data, addr, now)
+        elif kind == TYPE_RESPONSE:
+            response = HandshakeResponse.decode(data, self.keys.mac1_key)
+            if response is None:
+                self._drops["bad_mac"] += 1
+                return
+            tunnel = self._indexes.get(response.receiver_index)
+            if tunnel is None:
+                self._drops["unknown_session"] += 1
+                return
+            tunnel.handle_response(response, addr, now)
+        else:
+            self._drops["malformed"] += 1
+
+    def _on_initiation(self, data: bytes, addr: tuple[str, int], now: float) -> None:
+        init = HandshakeInit.decode(data, self.keys.mac1_key)
+        if init is None:
+            self._drops["bad_mac"] += 1
+            return
+        accepted = accept_initiation(self.keys, init, self.count_drop)
+        if accepted is None:
+            return
+        peer = accepted.remote_static
+        if accepted.hello.timestamp <= self._accepted_timestamps.get(peer, -1):
+            self._drops["stale_timestamp"] += 1  # a replayed (or reordered old) initiation
+            return
+        if self._trust is not None and not self._trust(accepted.identity, accepted.hello.address):
+            self._drops["untrusted"] += 1
+            return
+        tunnel = self._tunnels.get(peer)
+        if tunnel is not None and not tunnel.is_closed and tunnel.should_yield_to(now):
+            self._drops["simultaneous_initiation"] += 1
+            return
+        self._accepted_timestamps[peer] = accepted.hello.timestamp
+        if tunnel is None or tunnel.is_closed:
+            tunnel = self._tunnels[peer] = Tunnel(self, peer, addr)
+        self._out.append((tunnel.handle_initiation(accepted, addr, now), addr))
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
+        out = self._out
+        self._out = []
+        for tunnel in self._tunnels.values():
+            out.extend(tunnel.datagrams_to_send(now))
+        self._sent += len(out)
+        return out
+
+    def get_timer(self) -> float | None:
+        timers = [t for t in (tun.get_timer() for tun in self._tunnels.values()) if t is not None]
+        return min(timers) if timers else None
+
+    def handle_timer(self, now: float) -> None:
+        for peer, tunnel in list(self._tunnels.items()):
+            tunnel.handle_timer(now)
+            if tunnel.is_closed and tunnel.is_drained(now):
+                for session in tunnel.sessions():
+                    self.release_index(session.local_index)
+                del self._tunnels[peer]
+
+    def statistics(self) -> EndpointStatistics:
+        return EndpointStatistics(
+            tunnels=tuple(t.statistics() for t in self._tunnels.values()),
+            datagrams_received=self._received,
+            datagrams_sent=self._sent,
+            drops=dict(self._drops),
+        )
+
+
+def _session_for(tunnel: Tunnel, index: int) -> Session | None:
+    for session in tunnel.sessions():
+        if session.local_index == index:
+            return session
+    return None

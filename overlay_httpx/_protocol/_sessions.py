@@ -1,0 +1,240 @@
+"""Key sessions of one tunnel: the Noise IK handshake and the AEAD records under it.
+
+A tunnel outlives its sessions: a rekey makes a new session (new indexes, new
+keys) while streams, packet numbers and loss recovery carry on. Packet
+counters never restart, so a nonce is never reused under any key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from .._address import Address
+from .._exceptions import FrameError, NoiseDecryptError
+from .._identity import Identity, PublicIdentity
+from .._noise import CipherState, HandshakeState, KeyPair, NoiseProtocol
+from ._packet import (
+    BIND_LABEL,
+    DataHeader,
+    HandshakeInit,
+    HandshakeResponse,
+    HelloPayload,
+    TransportParameters,
+    mac1_key,
+)
+from ._replay import ReplayWindow
+
+__all__ = [
+    "NOISE_PROTOCOL",
+    "AcceptedInitiation",
+    "LocalKeys",
+    "PendingInitiation",
+    "Session",
+    "accept_initiation",
+    "random_index",
+    "verify_hello",
+]
+
+NOISE_PROTOCOL: Final = NoiseProtocol.parse("Noise_IK_25519_AESGCM_SHA256")
+_PROLOGUE: Final = b"overlay_httpx v1"
+
+
+def random_index() -> int:
+    return int.from_bytes(os.urandom(4), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalKeys:
+    """Everything about ourselves a handshake needs, computed once per endpoint."""
+
+    identity: Identity
+    address: Address
+    static: KeyPair
+    mac1_key: bytes  # for messages sent to us
+    binding: bytes  # Ed25519 signature over our X25519 key
+
+    @classmethod
+    def create(cls, identity: Identity, address: Address) -> LocalKeys:
+        static = KeyPair(identity.x25519_key)
+        return cls(
+            identity=identity,
+            address=address,
+            static=static,
+            mac1_key=mac1_key(static.public),
+            binding=identity.sign(BIND_LABEL + static.public),
+        )
+
+    def hello(self, timestamp: int, boot_id: int, params: TransportParameters) -> bytes:
+        return HelloPayload(
+            self.address, self.identity.public.ed25519, self.binding, timestamp, boot_id, params
+        ).encode()
+
+
+def verify_hello(payload: bytes, remote_static: bytes) -> tuple[HelloPayload, PublicIdentity]:
+    """Decode a handshake payload and check that it binds `remote_static` to its Ed25519 key."""
+    hello = HelloPayload.decode(payload)
+    try:
+        identity = PublicIdentity(remote_static, hello.ed25519)
+    except ValueError:
+        raise FrameError("handshake payload carries an invalid Ed25519 key") from None
+    if not identity.verify(hello.signature, BIND_LABEL + remote_static):
+        raise FrameError("handshake payload binding signature is invalid")
+    return hello, identity
+
+
+class Session:
+    """One set of transport keys with the peer and the indexes that name them."""
+
+    __slots__ = (
+        "confirmed",
+        "created",
+        "initiator",
+        "local_index",
+        "recv",
+        "remote_index",
+        "replay",
+        "send",
+        "sent",
+    )
+
+    def __init__(
+        self,
+        *,
+        local_index: int,
+        remote_index: int,
+        send: CipherState,
+        recv: CipherState,
+        created: float,
+        initiator: bool,
+    ) -> None:
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.send = send
+        self.recv = recv
+        self.replay = ReplayWindow()
+        self.created = created
+        self.initiator = initiator
+        # The responder sends only once the initiator has proved it has the keys.
+        self.confirmed = initiator
+        self.sent = 0
+
+    def seal(self, counter: int, payload: bytes) -> bytes:
+        header = DataHeader.pack(self.remote_index, counter)
+        self.sent += 1
+        return header + self.send.encrypt_with_nonce(counter, header, payload)
+
+    def open(self, counter: int, datagram: bytes) -> bytes | None:
+        """The plaintext, or None for a replay or a forgery (nothing is recorded then)."""
+        if not self.replay.check(counter):
+            return None
+        header = datagram[: DataHeader.size]
+        try:
+            plaintext = self.recv.decrypt_with_nonce(counter, header, datagram[DataHeader.size :])
+        except NoiseDecryptError:
+            return None
+        self.replay.mark(counter)
+        return plaintext
+
+
+class PendingInitiation:
+    """An initiation we sent and whose response we await."""
+
+    __slots__ = ("handshake", "local_index", "sent_at")
+
+    def __init__(self, handshake: HandshakeState, local_index: int, sent_at: float) -> None:
+        self.handshake = handshake
+        self.local_index = local_index
+        self.sent_at = sent_at
+
+    @classmethod
+    def start(
+        cls,
+        keys: LocalKeys,
+        remote_static: bytes,
+        local_index: int,
+        hello: bytes,
+        now: float,
+    ) -> tuple[PendingInitiation, bytes]:
+        hs = HandshakeState(
+            NOISE_PROTOCOL,
+            initiator=True,
+            prologue=_PROLOGUE,
+            s=keys.static,
+            rs=remote_static,
+        )
+        datagram = HandshakeInit(local_index, hs.write_message(hello)).encode(
+            mac1_key(remote_static)
+        )
+        return cls(hs, local_index, now), datagram
+
+    def finish(
+        self, response: HandshakeResponse, now: float
+    ) -> tuple[Session, HelloPayload, PublicIdentity]:
+        """Complete with the peer's response; raises NoiseDecryptError or FrameError."""
+        payload = self.handshake.read_message(response.noise)
+        rs = self.handshake.remote_static
+        assert rs is not None
+        hello, identity = verify_hello(payload, rs)
+        session = Session(
+            local_index=self.local_index,
+            remote_index=response.sender_index,
+            send=self.handshake.send_cipher,
+            recv=self.handshake.receive_cipher,
+            created=now,
+            initiator=True,
+        )
+        return session, hello, identity
+
+
+@dataclass(slots=True)
+class AcceptedInitiation:
+    """A decrypted, authenticated initiation, before any tunnel state is touched."""
+
+    handshake: HandshakeState
+    sender_index: int
+    remote_static: bytes
+    hello: HelloPayload
+    identity: PublicIdentity
+
+    def respond(
+        self,
+        keys: LocalKeys,
+        local_index: int,
+        hello: bytes,
+        now: float,
+    ) -> tuple[Session, bytes]:
+        datagram = HandshakeResponse(
+            local_index, self.sender_index, self.handshake.write_message(hello)
+        ).encode(mac1_key(self.remote_static))
+        session = Session(
+            local_index=local_index,
+            remote_index=self.sender_index,
+            send=self.handshake.send_cipher,
+            recv=self.handshake.receive_cipher,
+            created=now,
+            initiator=False,
+        )
+        return session, datagram
+
+
+def accept_initiation(
+    keys: LocalKeys, init: HandshakeInit, drop: Callable[[str], None]
+) -> AcceptedInitiation | None:
+    """Run the responder's half of message 1; None (and a counted drop) if it fails."""
+    hs = HandshakeState(NOISE_PROTOCOL, initiator=False, prologue=_PROLOGUE, s=keys.static)
+    try:
+        payload = hs.read_message(init.noise)
+    except NoiseDecryptError:
+        drop("auth_failure")
+        return None
+    rs = hs.remote_static
+    assert rs is not None
+    try:
+        hello, identity = verify_hello(payload, rs)
+    except FrameError:
+        drop("malformed")
+        return None
+    return AcceptedInitiation(hs, init.sender_index, rs, hello, identity)
