@@ -474,7 +474,8 @@ class Tunnel:
         if session is self._next_session:  # the initiator has the keys: confirmed
             self._next_session = None
             session.confirmed = True
-            assert self.peer_identity is not None and self.peer_address is not None
+            assert self.peer_identity is not None
+            assert self.peer_address is not None
             rekey = self._session is not None
             self._rotate(session, now)
             was_established = self.state == TunnelState.ESTABLISHED
@@ -746,15 +747,16 @@ class Tunnel:
             stream.send_closed and stream.reset_code is None and not stream.reset_unacked
         ) or (not stream.send_closed and stream.send.all_acked)
         recv_done = stream.recv_closed and stream.stop_code is None
-        if send_done and recv_done:
-            if self._streams.pop(stream.stream_id, None) is not None and not stream.local:
-                self._peer_streams_closed += 1
-                # Replenish the peer's stream budget once half of it is spent.
-                if self._peer_streams_closed + self._config.max_streams // 2 >= (
-                    self._max_streams_sent
-                ):
-                    self._max_streams_sent = self._peer_streams_closed + self._config.max_streams
-                    self._control.append(MaxStreams(self._max_streams_sent))
+        if not (send_done and recv_done):
+            return
+        if self._streams.pop(stream.stream_id, None) is not None and not stream.local:
+            self._peer_streams_closed += 1
+            # Replenish the peer's stream budget once half of it is spent.
+            if self._peer_streams_closed + self._config.max_streams // 2 >= (
+                self._max_streams_sent
+            ):
+                self._max_streams_sent = self._peer_streams_closed + self._config.max_streams
+                self._control.append(MaxStreams(self._max_streams_sent))
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -801,7 +803,9 @@ class Tunnel:
 
     def _send_close_again(self, session: Session) -> None:
         if self._close_frame is not None:
-            self._raw_out.append((self._seal_frames(session, [self._close_frame]), self.remote_addr))
+            self._raw_out.append(
+                (self._seal_frames(session, [self._close_frame]), self.remote_addr)
+            )
 
     def _check_open(self) -> None:
         if self.state == TunnelState.CLOSED:
@@ -835,9 +839,7 @@ class Tunnel:
             if self._ack_deadline is not None:
                 candidates.append(self._ack_deadline)
             if self._send_queue or self._control:
-                pace = self._pacer.next_send_time(
-                    self._last_sent, self._config.max_datagram_size
-                )
+                pace = self._pacer.next_send_time(self._last_sent, self._config.max_datagram_size)
                 if pace is not None and self._congestion.can_send(self._config.max_datagram_size):
                     candidates.append(pace)
             keepalive = self._keepalive_due()

@@ -70,7 +70,7 @@ def test_10_mib_each_way_under_loss(loss: float, seed: int) -> None:
 
 def test_refused_port_is_reset_with_reason() -> None:
     net, a, b = make_pair()
-    tunnel, sid = _start(net, a, b, b"hello", port=81)
+    _tunnel, _sid = _start(net, a, b, b"hello", port=81)
     assert net.run(until=lambda: bool(a.of(StreamReset)), timeout=10)
     reset = a.of(StreamReset)[0]
     assert reset.error_code == ERROR_PORT_UNREACHABLE
@@ -96,7 +96,7 @@ def _other_public():  # type: ignore[no-untyped-def]
 
 def _drop_matching(net: Network, predicate, count: int):  # type: ignore[no-untyped-def]
     """Wrap the network's send so that the first `count` datagrams matching are lost."""
-    original = net._send  # noqa: SLF001
+    original = net._send
     state = {"left": count, "dropped": 0}
 
     def send(src, dst, data, now):  # type: ignore[no-untyped-def]
@@ -106,7 +106,7 @@ def _drop_matching(net: Network, predicate, count: int):  # type: ignore[no-unty
             return
         original(src, dst, data, now)
 
-    net._send = send  # type: ignore[method-assign]  # noqa: SLF001
+    net._send = send  # type: ignore[method-assign]
     return state
 
 
@@ -144,10 +144,8 @@ def test_all_acks_lost_for_a_while() -> None:
         net, lambda s, d, data: s == B_ADDR and data[0] == 0x04 and net.now < 0.3, 10_000
     )
     data = payload(300_000)
-    tunnel, sid = _start(net, a, b, data)
-    assert net.run(
-        until=lambda: any(st.eof for st in b.streams.values()), timeout=60
-    )
+    _tunnel, _sid = _start(net, a, b, data)
+    assert net.run(until=lambda: any(st.eof for st in b.streams.values()), timeout=60)
     (received,) = [bytes(st.received) for st in b.streams.values()]
     assert received == data
     assert dropped["dropped"] >= 4  # the sender stalls on its window: few ACKs exist
@@ -174,13 +172,13 @@ def test_no_close_storm() -> None:
 def test_replaying_every_datagram_changes_nothing() -> None:
     net, a, b = make_pair(record=True)
     captured: list[tuple[tuple[str, int], tuple[str, int], bytes]] = []
-    original = net._send  # noqa: SLF001
+    original = net._send
 
     def send(src, dst, data, now):  # type: ignore[no-untyped-def]
         captured.append((src, dst, data))
         original(src, dst, data, now)
 
-    net._send = send  # type: ignore[method-assign]  # noqa: SLF001
+    net._send = send  # type: ignore[method-assign]
     _echo_round_trip(net, a, b, 100_000)
     net.run_for(1.0)  # let the last acknowledgements land: what follows are pure replays
     received_before = {k: bytes(v.received) for k, v in a.streams.items()}
@@ -198,14 +196,14 @@ def test_replaying_every_datagram_changes_nothing() -> None:
 def test_flipped_bits_are_dropped_and_counted() -> None:
     net, a, b = make_pair()
     samples: list[tuple[tuple[str, int], bytes]] = []
-    original = net._send  # noqa: SLF001
+    original = net._send
 
     def send(src, dst, data, now):  # type: ignore[no-untyped-def]
         if dst == B_ADDR and len(samples) < 12:
             samples.append((src, data))
         original(src, dst, data, now)
 
-    net._send = send  # type: ignore[method-assign]  # noqa: SLF001
+    net._send = send  # type: ignore[method-assign]
     _echo_round_trip(net, a, b, 20_000)
     stats = b.endpoint.statistics()
     before = stats.dropped
@@ -268,9 +266,13 @@ def test_rekey_in_the_middle_of_a_transfer() -> None:
     _echo_round_trip(net, a, b, 10 << 20, timeout=600)
     tunnel = a.endpoint.tunnel(b.endpoint.public)
     assert tunnel is not None
-    assert tunnel.statistics().rekeys + (
-        b.endpoint.tunnel(a.endpoint.public).statistics().rekeys  # type: ignore[union-attr]
-    ) >= 2
+    assert (
+        tunnel.statistics().rekeys
+        + (
+            b.endpoint.tunnel(a.endpoint.public).statistics().rekeys  # type: ignore[union-attr]
+        )
+        >= 2
+    )
 
 
 def test_nat_rebinding_in_the_middle_of_a_transfer() -> None:
@@ -333,8 +335,10 @@ def test_simultaneous_initiation_yields_one_session() -> None:
     a.write(ta, sa, b"from a", fin=True)
     b.write(tb, sb, b"from b", fin=True)
     assert net.run(
-        until=lambda: any(s.eof for s in a.streams.values() if s is not a.state(ta, sa))
-        and any(s.eof for s in b.streams.values() if s is not b.state(tb, sb)),
+        until=lambda: (
+            any(s.eof for s in a.streams.values() if s is not a.state(ta, sa))
+            and any(s.eof for s in b.streams.values() if s is not b.state(tb, sb))
+        ),
         timeout=30,
     )
     assert len(a.of(HandshakeCompleted)) == 1
