@@ -1,0 +1,16 @@
+"""The examples stay runnable."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_tunnel_in_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    runpy.run_path(str(EXAMPLES / "tunnel_in_memory.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "delivered 1048576 bytes intact=True" in out
