@@ -27,7 +27,7 @@ from ._packet import (
     HandshakeInit,
     HandshakeResponse,
 )
-from ._sessions import LocalKeys, Session, accept_initiation, random_index
+from ._sessions import LocalKeys, accept_initiation, random_index
 from ._stats import EndpointStatistics
 from ._tunnel import Tunnel
 
@@ -159,7 +159,7 @@ class Endpoint:
                 return
             index, counter = header
             tunnel = self._indexes.get(index)
-            session = _session_for(tunnel, index) if tunnel is not None else None
+            session = tunnel.session_for(index) if tunnel is not None else None
             if tunnel is None or session is None:
                 self._drops["unknown_session"] += 1
                 return
@@ -230,10 +230,3 @@ class Endpoint:
             datagrams_sent=self._sent,
             drops=dict(self._drops),
         )
-
-
-def _session_for(tunnel: Tunnel, index: int) -> Session | None:
-    for session in tunnel.sessions():
-        if session.local_index == index:
-            return session
-    return None

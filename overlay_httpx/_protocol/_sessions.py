@@ -89,9 +89,7 @@ class Session:
     """One set of transport keys with the peer and the indexes that name them."""
 
     __slots__ = (
-        "confirmed",
         "created",
-        "initiator",
         "local_index",
         "recv",
         "remote_index",
@@ -108,7 +106,6 @@ class Session:
         send: CipherState,
         recv: CipherState,
         created: float,
-        initiator: bool,
     ) -> None:
         self.local_index = local_index
         self.remote_index = remote_index
@@ -116,9 +113,6 @@ class Session:
         self.recv = recv
         self.replay = ReplayWindow()
         self.created = created
-        self.initiator = initiator
-        # The responder sends only once the initiator has proved it has the keys.
-        self.confirmed = initiator
         self.sent = 0
 
     def seal(self, counter: int, payload: bytes) -> bytes:
@@ -142,12 +136,11 @@ class Session:
 class PendingInitiation:
     """An initiation we sent and whose response we await."""
 
-    __slots__ = ("handshake", "local_index", "sent_at")
+    __slots__ = ("handshake", "local_index")
 
-    def __init__(self, handshake: HandshakeState, local_index: int, sent_at: float) -> None:
+    def __init__(self, handshake: HandshakeState, local_index: int) -> None:
         self.handshake = handshake
         self.local_index = local_index
-        self.sent_at = sent_at
 
     @classmethod
     def start(
@@ -156,7 +149,6 @@ class PendingInitiation:
         remote_static: bytes,
         local_index: int,
         hello: bytes,
-        now: float,
     ) -> tuple[PendingInitiation, bytes]:
         hs = HandshakeState(
             NOISE_PROTOCOL,
@@ -168,7 +160,7 @@ class PendingInitiation:
         datagram = HandshakeInit(local_index, hs.write_message(hello)).encode(
             mac1_key(remote_static)
         )
-        return cls(hs, local_index, now), datagram
+        return cls(hs, local_index), datagram
 
     def finish(
         self, response: HandshakeResponse, now: float
@@ -184,7 +176,6 @@ class PendingInitiation:
             send=self.handshake.send_cipher,
             recv=self.handshake.receive_cipher,
             created=now,
-            initiator=True,
         )
         return session, hello, identity
 
@@ -215,7 +206,6 @@ class AcceptedInitiation:
             send=self.handshake.send_cipher,
             recv=self.handshake.receive_cipher,
             created=now,
-            initiator=False,
         )
         return session, datagram
 

@@ -158,13 +158,14 @@ class Tunnel:
         self.stats_handshakes = 0
         self.stats_rekeys = 0
         self.stats_path_changes = 0
+        self._next_pn = 0  # never reset, not even with the connection: nonces stay unique
+        self._next_session_restarted = False  # the unconfirmed session's peer restarted
         self._reset_connection()
 
     # -- connection state (reset when the peer restarts) -----------------------
 
     def _reset_connection(self) -> None:
         cfg = self._config
-        self._next_pn = getattr(self, "_next_pn", 0)  # counters never restart: nonces stay unique
         self._congestion = NewReno(max_datagram_size=cfg.max_datagram_size)
         self._pacer = Pacer(max_datagram_size=cfg.max_datagram_size)
         self._recovery = LossRecovery(
@@ -178,7 +179,6 @@ class Tunnel:
         self._control: list[Frame] = []
         self._next_local_stream = self._parity
         self._peer_streams_seen = -1  # highest peer stream id seen
-        self._peer_streams_opened = 0
         self._peer_streams_closed = 0
         self._peer_max_streams = cfg.max_streams  # until their hello says otherwise
         self._local_streams_opened = 0
@@ -339,7 +339,7 @@ class Tunnel:
     def _send_initiation(self, now: float) -> None:
         index = self._owner.new_index(self)
         pending, datagram = PendingInitiation.start(
-            self._owner.keys, self.peer, index, self._hello(now, initiator=True), now
+            self._owner.keys, self.peer, index, self._hello(now, initiator=True)
         )
         self._pending[index] = pending
         while len(self._pending) > 3:  # keep the latest few for late responses
@@ -394,17 +394,11 @@ class Tunnel:
         if self._next_session is not None:
             self._owner.release_index(self._next_session.local_index)
         self._next_session = session
-        self._install_identity(accepted.hello, accepted.identity, now, responder_session=session)
+        restarted = self._install_identity(accepted.hello, accepted.identity, now)
+        self._next_session_restarted = restarted or self._next_session_restarted
         return datagram
 
-    def _install_identity(
-        self,
-        hello: HelloPayload,
-        identity: PublicIdentity,
-        now: float,
-        *,
-        responder_session: Session | None = None,
-    ) -> bool:
+    def _install_identity(self, hello: HelloPayload, identity: PublicIdentity, now: float) -> bool:
         restarted = self.peer_boot_id is not None and hello.boot_id != self.peer_boot_id
         if restarted:
             self._peer_restarted(now)
@@ -425,8 +419,13 @@ class Tunnel:
     def _install(
         self, session: Session, hello: HelloPayload, identity: PublicIdentity, now: float
     ) -> None:
-        restarted = self._install_identity(hello, identity, now)
-        rekey = self._session is not None and not restarted
+        self._activate(session, now, restarted=self._install_identity(hello, identity, now))
+
+    def _activate(self, session: Session, now: float, *, restarted: bool) -> None:
+        """Send with `session` from now on, and say so (first handshake, rekey or restart)."""
+        assert self.peer_identity is not None
+        assert self.peer_address is not None
+        rekey = self.state == TunnelState.ESTABLISHED and not restarted
         self._rotate(session, now)
         self.state = TunnelState.ESTABLISHED
         self.stats_handshakes += 1
@@ -434,7 +433,12 @@ class Tunnel:
             self.stats_rekeys += 1
         self._owner.emit(
             HandshakeCompleted(
-                self.peer, hello.address, identity, self.remote_addr, rekey, restarted
+                self.peer,
+                self.peer_address,
+                self.peer_identity,
+                self.remote_addr,
+                rekey,
+                restarted,
             )
         )
 
@@ -456,6 +460,13 @@ class Tunnel:
     def sessions(self) -> list[Session]:
         return [s for s in (self._session, self._next_session, self._previous) if s is not None]
 
+    def session_for(self, index: int) -> Session | None:
+        """The session our `index` names (runs once per received packet)."""
+        for session in (self._session, self._next_session, self._previous):
+            if session is not None and session.local_index == index:
+                return session
+        return None
+
     # -- receiving ---------------------------------------------------------------------
 
     def handle_data(
@@ -473,26 +484,8 @@ class Tunnel:
             return
         if session is self._next_session:  # the initiator has the keys: confirmed
             self._next_session = None
-            session.confirmed = True
-            assert self.peer_identity is not None
-            assert self.peer_address is not None
-            rekey = self._session is not None
-            self._rotate(session, now)
-            was_established = self.state == TunnelState.ESTABLISHED
-            self.state = TunnelState.ESTABLISHED
-            self.stats_handshakes += 1
-            if rekey and was_established:
-                self.stats_rekeys += 1
-            self._owner.emit(
-                HandshakeCompleted(
-                    self.peer,
-                    self.peer_address,
-                    self.peer_identity,
-                    addr,
-                    rekey and was_established,
-                    False,
-                )
-            )
+            restarted, self._next_session_restarted = self._next_session_restarted, False
+            self._activate(session, now, restarted=restarted)
         try:
             frames = parse_frames(plaintext)
         except FrameError:
@@ -571,28 +564,31 @@ class Tunnel:
         for sid in range(self._peer_streams_seen + 1, stream_id + 1):
             if not is_local_stream(sid, self._parity):
                 self._streams[sid] = self._new_stream(sid, None, local=False)
-                self._peer_streams_opened += 1
         self._peer_streams_seen = stream_id
         return self._streams[stream_id]
 
+    def _frame_stream(self, stream_id: int) -> _Stream | None:
+        """The stream a frame from the peer names (opening peer streams on first sight)."""
+        if is_local_stream(stream_id, self._parity):
+            return self._streams.get(stream_id)
+        return self._peer_stream(stream_id)
+
+    def _count_received(self, new_bytes: int) -> None:
+        """Charge bytes beyond a stream's previous highest offset to the tunnel window."""
+        if new_bytes > 0:
+            self._conn_received += new_bytes
+            self._conn_window.on_received(self._conn_received)
+
     def _on_stream_frame(self, frame: Stream, now: float) -> None:
-        if is_local_stream(frame.stream_id, self._parity):
-            stream = self._streams.get(frame.stream_id)
-            if stream is None:
-                return
-        else:
-            stream = self._peer_stream(frame.stream_id)
-            if stream is None:
-                return
-            if frame.port is not None and stream.port is None:
-                stream.port = frame.port
+        stream = self._frame_stream(frame.stream_id)
+        if stream is None:
+            return
+        if not stream.local and frame.port is not None and stream.port is None:
+            stream.port = frame.port
         if stream.recv_closed and stream.stop_code is None and stream.recv.eof:
             return
         stream.window.on_received(frame.offset + len(frame.data))
-        added = stream.recv.add(frame.offset, frame.data, frame.fin)
-        if added:
-            self._conn_received += added
-            self._conn_window.on_received(self._conn_received)
+        self._count_received(stream.recv.add(frame.offset, frame.data, frame.fin))
         if not stream.local and not stream.announced and stream.port is not None:
             stream.announced = True
             if self._owner.is_listening(stream.port):
@@ -616,20 +612,13 @@ class Tunnel:
         self._queue(stream)
 
     def _on_reset_stream(self, frame: ResetStream) -> None:
-        stream = (
-            self._streams.get(frame.stream_id)
-            if is_local_stream(frame.stream_id, self._parity)
-            else self._peer_stream(frame.stream_id)
-        )
+        stream = self._frame_stream(frame.stream_id)
         if stream is None:
             return
         before = stream.recv.highest_received
         stream.window.on_received(frame.final_size)
         stream.recv.reset(frame.final_size)
-        grown = stream.recv.highest_received - before
-        if grown > 0:
-            self._conn_received += grown
-            self._conn_window.on_received(self._conn_received)
+        self._count_received(stream.recv.highest_received - before)
         already = stream.recv_closed
         stream.recv_closed = True
         if not already and (stream.announced or stream.local):
@@ -941,25 +930,22 @@ class Tunnel:
         return session.seal(pn, bytes(payload))
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
-        out = self._raw_out
-        self._raw_out = []
         session = self._session
-        if self.state == TunnelState.CLOSED or session is None:
-            return out
         if (
-            (self._send_queue or self._control)
+            self.state == TunnelState.ESTABLISHED
+            and session is not None
+            and (self._send_queue or self._control)
             and (
                 now - session.created >= self._config.rekey_after_time
                 or session.sent >= self._config.rekey_after_messages
             )
             and not self._pending
         ):  # rekey on use, like WireGuard: an idle tunnel is left to its idle timeout
-            if self._handshake_started is None:
-                self._handshake_started = now
-                self._handshake_interval = self._config.handshake_retry
-            self._send_initiation(now)
-            out.extend(self._raw_out)
-            self._raw_out = []
+            self._start_handshake(now)
+        out = self._raw_out
+        self._raw_out = []
+        if self.state == TunnelState.CLOSED or session is None:
+            return out
         budget = self._config.max_datagram_size - DATA_HEADER_SIZE - _TAG
         for data, addr in self._responses:
             out.append((self._send_packet(session, [PathResponse(data)], now), addr))
@@ -1018,13 +1004,11 @@ class Tunnel:
             self._ack_eliciting_unacked = 0
         size = self._config.max_datagram_size
         if self._probes:
-            self._probes -= 1
+            self._probes -= 1  # a probe goes out whatever the window says
         elif not self._congestion.can_send(size) or (
             self._pacer.next_send_time(now, size) is not None
         ):
-            if frames:
-                self._ack_only(frames)
-            return frames, any(isinstance(f, Ping) for f in frames)
+            return self._ack_only(frames)
         eliciting = False
         if self._max_data_update:
             self._max_data_update = False
@@ -1059,34 +1043,41 @@ class Tunnel:
                 frames.insert(0, ack)
                 self._ack_deadline = None
                 self._ack_eliciting_unacked = 0
-        if not eliciting and frames:
-            self._ack_only(frames)
-            eliciting = isinstance(frames[-1], Ping)
-        return frames, eliciting
+        if eliciting:
+            return frames, True
+        return self._ack_only(frames)
 
-    def _ack_only(self, frames: list[Frame]) -> None:
-        """Make every 16th ACK-only packet elicit an ACK, so the peer's ACKs get
-        acknowledged and neither side keeps records of ACK-only packets forever."""
+    def _ack_only(self, frames: list[Frame]) -> tuple[list[Frame], bool]:
+        """Finish a packet that holds no ack-eliciting frame (or nothing at all).
+
+        Every 16th such packet gets a PING, so the peer acknowledges our ACKs and
+        neither side keeps records of ACK-only packets forever.
+        """
+        if not frames:
+            return frames, False
         self._ack_only_sent += 1
         if self._ack_only_sent % 16 == 0:
             frames.append(Ping())
+            return frames, True
+        return frames, False
 
     def _stream_frames(self, stream: _Stream, frames: list[Frame], room: int) -> tuple[int, bool]:
         """Append this stream's control and data frames; (room left, more pending)."""
         sid = stream.stream_id
+        control: list[Frame] = []
         if stream.reset_code is not None:
-            frames.append(ResetStream(sid, stream.reset_code, stream.send.highest_sent))
-            room -= encoded_size(frames[-1])
+            control.append(ResetStream(sid, stream.reset_code, stream.send.highest_sent))
             stream.reset_code = None
             stream.reset_unacked = True
         if stream.stop_code is not None:
-            frames.append(StopSending(sid, stream.stop_code))
-            room -= encoded_size(frames[-1])
+            control.append(StopSending(sid, stream.stop_code))
             stream.stop_code = None
         if stream.window_update:
             stream.window_update = False
-            frames.append(MaxStreamData(sid, stream.window.limit))
-            room -= encoded_size(frames[-1])
+            control.append(MaxStreamData(sid, stream.window.limit))
+        for frame in control:
+            frames.append(frame)
+            room -= encoded_size(frame)
         if stream.send_closed:
             return room, False
         send = stream.send

@@ -361,3 +361,22 @@ def test_untrusted_initiator_gets_nowhere() -> None:
     assert b.endpoint.tunnels() == []
     assert b.endpoint.statistics().drops["untrusted"] >= 3
     assert not established(b)
+
+
+def test_restarted_initiator_is_reported_by_the_responder() -> None:
+    from overlay_httpx._protocol._endpoint import Endpoint
+
+    net, a, b = make_pair()
+    _echo_round_trip(net, a, b, 1000)
+    old = a.endpoint
+    # A restarts (same identity, fresh state, later clock) and calls B again.
+    a.endpoint = Endpoint(
+        old.keys.identity, old.address, config=old.config, timestamp_origin_ns=2 * 10**18
+    )
+    a.streams.clear()
+    b.streams.clear()  # stream ids start over on the new connection
+    _echo_round_trip(net, a, b, 1000)
+    completed = b.of(HandshakeCompleted)
+    assert len(completed) == 2
+    assert completed[-1].peer_restarted
+    assert not completed[-1].rekey
