@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Final
 
+from ._congestion import CONGESTION_CONTROLLERS, CongestionControl
+
 __all__ = ["MIN_DATAGRAM_SIZE", "TunnelConfig"]
 
 MIN_DATAGRAM_SIZE: Final = 1200
@@ -18,6 +20,9 @@ class TunnelConfig:
     Defaults follow the design brief: 1200-byte datagrams (safe on every
     path), keepalive after 30 s idle, idle timeout 120 s, a new handshake after
     120 s of use, handshake given up after 5 s.
+
+    `congestion_control` picks the controller: ``"bbr"`` (model-based, keeps
+    its rate under random loss) or ``"newreno"`` (RFC 9002's loss-based one).
     """
 
     max_datagram_size: int = MIN_DATAGRAM_SIZE
@@ -29,15 +34,21 @@ class TunnelConfig:
     rekey_after_time: float = 120.0
     rekey_after_messages: int = 2**60
     max_streams: int = 1024
-    initial_max_data: int = 1 << 20
+    initial_max_data: int = 4 << 20
     max_data_window: int = 64 << 20
-    initial_max_stream_data: int = 256 << 10
+    initial_max_stream_data: int = 1 << 20
     max_stream_data_window: int = 16 << 20
-    send_buffer_limit: int = 1 << 20
+    send_buffer_limit: int = 2 << 20
     max_ack_delay: float = 0.025
     initial_rtt: float = 0.1
+    congestion_control: CongestionControl = "bbr"
 
     def __post_init__(self) -> None:
+        if self.congestion_control not in CONGESTION_CONTROLLERS:
+            raise ValueError(
+                f"congestion_control={self.congestion_control!r}: expected one of "
+                f"{', '.join(map(repr, CONGESTION_CONTROLLERS))}"
+            )
         if not MIN_DATAGRAM_SIZE <= self.max_datagram_size <= MAX_DATAGRAM_SIZE:
             raise ValueError(
                 f"max_datagram_size={self.max_datagram_size}: expected "
@@ -45,7 +56,7 @@ class TunnelConfig:
             )
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or value is None:
+            if isinstance(value, (bool, str)) or value is None:
                 continue
             if value <= 0:
                 raise ValueError(f"{f.name}={value!r}: expected a positive number")

@@ -1,10 +1,13 @@
 """Congestion control (RFC 9002 §7, Appendix B) and pacing (§7.7), sans-IO.
 
 `LossRecovery` decides which packets were acknowledged or lost; a
-`CongestionController` turns that into how many bytes may be in flight. The
-interface is deliberately small so CUBIC or BBR can replace `NewReno` later.
-`Pacer` spreads a window's worth of packets over a round trip so a full
-window does not leave as one burst that overflows a router queue.
+`CongestionController` turns that into how many bytes may be in flight and,
+optionally, how fast to send them. Two controllers implement it: `NewReno`
+here (loss-based) and `BBR` in `_bbr.py` (model-based, tolerant of random
+loss); `make_congestion_controller` picks one by name, as
+`TunnelConfig.congestion_control` does. `Pacer` spreads a window's worth of
+packets over a round trip so a full window does not leave as one burst that
+overflows a router queue.
 
 Nothing here reads a clock: every method that needs time takes ``now``.
 """
@@ -12,18 +15,28 @@ Nothing here reads a clock: every method that needs time takes ``now``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol, get_args
+
+from ._bbr import BBR
 
 if TYPE_CHECKING:
     from ._recovery import SentPacket
 
 __all__ = [
+    "CONGESTION_CONTROLLERS",
     "LOSS_REDUCTION_FACTOR",
     "PACING_GAIN",
+    "CongestionControl",
     "CongestionController",
     "NewReno",
     "Pacer",
+    "make_congestion_controller",
 ]
+
+CongestionControl = Literal["bbr", "newreno"]
+"""Names `make_congestion_controller` (and `TunnelConfig.congestion_control`) accept."""
+
+CONGESTION_CONTROLLERS: Final[tuple[str, ...]] = get_args(CongestionControl)
 
 LOSS_REDUCTION_FACTOR: Final = 0.5
 """kLossReductionFactor: the window is halved on each congestion event."""
@@ -34,6 +47,7 @@ PACING_GAIN: Final = 1.25
 _INITIAL_WINDOW_CAP: Final = 14720
 _MIN_SRTT: Final = 1e-6  # floor for divisions: loopback RTTs can be tens of microseconds
 _TOKEN_SLACK: Final = 1e-6  # bytes; absorbs float rounding so a returned send time is honoured
+_MIN_RATE: Final = 1  # bytes/s; a controller's rate of 0 must not divide by zero or stall forever
 
 
 class CongestionController(Protocol):
@@ -54,8 +68,18 @@ class CongestionController(Protocol):
         """Bytes of sent, in-flight packets neither acknowledged, lost nor discarded."""
         ...
 
-    def on_packet_sent(self, size: int, now: float) -> None:
-        """An in-flight packet of `size` bytes left at `now`."""
+    @property
+    def pacing_rate(self) -> float | None:
+        """Bytes per second to pace at, or None to let the `Pacer` derive it from cwnd/srtt."""
+        ...
+
+    def on_packet_sent(self, size: int, now: float, packet: SentPacket | None = None) -> None:
+        """An in-flight packet of `size` bytes left at `now`.
+
+        `packet`, when given, is that packet; a controller that samples the
+        delivery rate stamps its snapshot fields. `LossRecovery` always
+        passes it.
+        """
         ...
 
     def on_packets_acked(self, packets: Sequence[SentPacket], now: float) -> None:
@@ -182,10 +206,15 @@ class NewReno:
 
     # -- events ---------------------------------------------------------------
 
+    @property
+    def pacing_rate(self) -> None:
+        """Always None: the pacer derives NewReno's rate from cwnd and srtt."""
+        return None
+
     def set_app_limited(self, app_limited: bool) -> None:
         self.app_limited = app_limited
 
-    def on_packet_sent(self, size: int, now: float) -> None:
+    def on_packet_sent(self, size: int, now: float, packet: SentPacket | None = None) -> None:
         self.bytes_in_flight += size
 
     def on_packets_acked(self, packets: Sequence[SentPacket], now: float) -> None:
@@ -266,6 +295,9 @@ class NewReno:
 class Pacer:
     """Token-bucket pacing at ``PACING_GAIN * cwnd / srtt`` bytes per second.
 
+    (Or at the rate the congestion controller asks for, if it has one: see
+    `update_rate`.)
+
     The bucket starts full, so the first `burst_packets` datagrams leave at
     once. Its capacity is the larger of that burst and what the rate sends in
     one `timer_granularity`: an event loop cannot sleep for less than about
@@ -337,9 +369,19 @@ class Pacer:
         """False while pacing could not delay anything useful (see the class doc)."""
         return not self._disabled
 
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        """Recompute the rate from the current window and smoothed RTT."""
-        rate = PACING_GAIN * congestion_window / max(smoothed_rtt, _MIN_SRTT)
+    def update_rate(
+        self, congestion_window: int, smoothed_rtt: float, pacing_rate: float | None = None
+    ) -> None:
+        """Recompute the rate from the current window and smoothed RTT.
+
+        A controller with its own model of the path (BBR) passes
+        `pacing_rate` in bytes per second, which is used as is; the window
+        still decides whether pacing is worth switching on.
+        """
+        if pacing_rate is not None:
+            rate = max(pacing_rate, float(_MIN_RATE))
+        else:
+            rate = PACING_GAIN * congestion_window / max(smoothed_rtt, _MIN_SRTT)
         per_tick = rate * self._granularity
         self._rate = rate
         self._disabled = per_tick >= congestion_window
@@ -381,3 +423,12 @@ class Pacer:
 
     def __repr__(self) -> str:
         return f"Pacer(rate={self._rate}, capacity={self._capacity}, enabled={not self._disabled})"
+
+
+def make_congestion_controller(name: str, *, max_datagram_size: int = 1200) -> CongestionController:
+    """A fresh controller by name: ``"bbr"`` or ``"newreno"`` (`CONGESTION_CONTROLLERS`)."""
+    if name == "bbr":
+        return BBR(max_datagram_size=max_datagram_size)
+    if name == "newreno":
+        return NewReno(max_datagram_size=max_datagram_size)
+    raise ValueError(f"congestion_control={name!r}: expected one of {CONGESTION_CONTROLLERS}")

@@ -25,6 +25,7 @@ __all__ = [
     "HandshakeCompleted",
     "HandshakeFailed",
     "PathChanged",
+    "StreamMoved",
     "StreamOpened",
     "StreamReadable",
     "StreamReset",
@@ -96,6 +97,16 @@ class StreamReset:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamMoved:
+    """The peer restarted before it acknowledged anything of our stream; the stream
+    carries on, all its bytes resent, under a new id on the new connection."""
+
+    peer: bytes
+    old_stream_id: int
+    new_stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class StreamStopSending:
     """The peer will not read more; our sending side has been reset in answer."""
 
@@ -136,6 +147,7 @@ Event = (
     | HandshakeFailed
     | StreamOpened
     | StreamReadable
+    | StreamMoved
     | StreamReset
     | StreamStopSending
     | StreamWritable

@@ -60,6 +60,12 @@ class SentPacket:
     `ack_eliciting` packets must also be `in_flight`. Ack-only packets are
     neither, and should still be registered so the peer's ACK of them (and
     the RTT sample they may carry) is recognised.
+
+    The last four fields are the delivery-rate snapshot a rate-sampling
+    congestion controller (`BBR`) stamps on in-flight packets when they are
+    sent (draft-cheng-iccrg-delivery-rate-estimation §3.2); callers leave
+    them at their defaults, and `first_sent_time` stays None on packets
+    nobody stamped (NewReno, ack-only packets).
     """
 
     packet_number: int
@@ -68,6 +74,10 @@ class SentPacket:
     ack_eliciting: bool
     in_flight: bool
     frames: list[object] = field(default_factory=list)  # opaque; handed back on ack or loss
+    delivered: int = 0  # bytes the connection had delivered when this packet was sent
+    delivered_time: float = 0.0  # when that count was last raised
+    first_sent_time: float | None = None  # send time of the packet opening its sampling flight
+    is_app_limited: bool = False  # sent inside an application-limited bubble
 
 
 class RttEstimator:
@@ -181,7 +191,9 @@ class LossRecovery:
 
     `max_ack_delay` is the *peer's* maximum ACK delay (its transport
     parameter), in seconds. If a `Pacer` is given it is told about in-flight
-    packets and its rate is refreshed after every ACK and timeout.
+    packets and its rate is refreshed after every ACK and timeout: the
+    controller's `pacing_rate` when it has one (BBR), else derived from the
+    window and smoothed RTT (NewReno).
     """
 
     __slots__ = (
@@ -238,7 +250,9 @@ class LossRecovery:
         self._pto_count = 0
         self._first_rtt_sample_time = None
         if pacer is not None:
-            pacer.update_rate(congestion.congestion_window, self._rtt.smoothed_rtt)
+            pacer.update_rate(
+                congestion.congestion_window, self._rtt.smoothed_rtt, congestion.pacing_rate
+            )
 
     # -- views ----------------------------------------------------------------
 
@@ -318,7 +332,7 @@ class LossRecovery:
             if packet.ack_eliciting:
                 self._ack_eliciting_in_flight += 1
                 self._time_of_last_ack_eliciting = packet.time_sent
-            self._cc.on_packet_sent(packet.size, packet.time_sent)
+            self._cc.on_packet_sent(packet.size, packet.time_sent, packet)
             pacer = self._pacer
             if pacer is not None:
                 pacer.on_packet_sent(packet.time_sent, packet.size)
@@ -540,7 +554,8 @@ class LossRecovery:
     def _refresh_pacer(self) -> None:
         pacer = self._pacer
         if pacer is not None:
-            pacer.update_rate(self._cc.congestion_window, self._rtt.smoothed_rtt)
+            cc = self._cc
+            pacer.update_rate(cc.congestion_window, self._rtt.smoothed_rtt, cc.pacing_rate)
 
     def __repr__(self) -> str:
         return (

@@ -225,6 +225,21 @@ class SendBuffer:
         """Every byte and the FIN acknowledged (never true after `reset`)."""
         return self._fin_acked and self._base == self._written and not self._reset
 
+    @property
+    def delivering(self) -> bool:
+        """Written bytes or a FIN not yet acknowledged (and not abandoned by a reset)."""
+        return not self._reset and (self.buffered > 0 or (self._fin and not self._fin_acked))
+
+    def replayable(self) -> tuple[bytes, bool] | None:
+        """Everything written and whether it ends with a FIN, if the peer acknowledged none of it.
+
+        After a peer restart such a stream can be opened again on the new
+        connection without the application noticing: the peer never saw it.
+        """
+        if self._reset or self._base or self._acked or self._fin_acked:
+            return None
+        return bytes(self._buf), self._fin
+
     def _fin_due(self) -> bool:
         return self._fin and not self._fin_acked and (self._fin_lost or not self._fin_sent)
 

@@ -11,6 +11,7 @@ from overlay_httpx._protocol._endpoint import Endpoint
 from overlay_httpx._protocol._events import (
     Event,
     HandshakeCompleted,
+    StreamMoved,
     StreamOpened,
     StreamReadable,
     StreamReset,
@@ -106,6 +107,10 @@ class App:
                         st.send_fin = True
             elif isinstance(event, StreamOpened):
                 self.streams.setdefault((event.peer, event.stream_id), StreamState())
+            elif isinstance(event, StreamMoved):
+                moved = self.streams.pop((event.peer, event.old_stream_id), None)
+                if moved is not None:
+                    self.streams[(event.peer, event.new_stream_id)] = moved
             elif isinstance(event, StreamReset):
                 st = self.streams.setdefault((event.peer, event.stream_id), StreamState())
                 st.reset = event.error_code

@@ -13,6 +13,7 @@ from overlay_httpx._protocol._events import (
     HandshakeCompleted,
     HandshakeFailed,
     PathChanged,
+    StreamMoved,
     StreamReset,
     TunnelClosed,
 )
@@ -296,7 +297,7 @@ def test_peer_restart_resets_old_streams_and_new_ones_work() -> None:
     _echo_round_trip(net, a, b, 1000)
     tunnel = a.endpoint.tunnel(b.endpoint.public)
     assert tunnel is not None
-    # a long-lived stream that the restart will kill
+    # a long-lived stream that the restart will kill: the peer acknowledged it
     sid = tunnel.open_stream(80, net.now)
     a.write(tunnel, sid, b"before restart")
     net.run_for(1.0)
@@ -308,20 +309,44 @@ def test_peer_restart_resets_old_streams_and_new_ones_work() -> None:
     fresh.listen(80)
     b.endpoint = fresh
     b.streams.clear()
-    # A stream opened before A notices is sent under the dead session: it fails
-    # with the same clear reason once the probe timeouts trigger a new handshake.
-    doomed = tunnel.open_stream(80, net.now)
-    a.write(tunnel, doomed, b"sent into the void", fin=True)
-    assert net.run(until=lambda: a.state(tunnel, doomed).reset is not None, timeout=60)
+    # A stream opened before A notices is sent under the dead session. The
+    # restarted peer never saw it, so once the probe timeouts trigger a new
+    # handshake it is replayed on the new connection and simply succeeds.
+    late = tunnel.open_stream(80, net.now)
+    a.write(tunnel, late, b"sent into the void", fin=True)
+    state = a.state(tunnel, late)
+    assert net.run(until=lambda: state.eof, timeout=60)
+    assert bytes(state.received) == b"sent into the void"
+    assert state.reset is None
     restarted = [e for e in a.of(HandshakeCompleted) if e.peer_restarted]
     assert restarted
-    for stream_id in (sid, doomed):
-        resets = [e for e in a.of(StreamReset) if e.stream_id == stream_id]
-        assert resets
-        assert resets[0].reason == "peer restarted"
+    (moved,) = a.of(StreamMoved)
+    assert moved.old_stream_id == late
+    resets = [e for e in a.of(StreamReset) if e.stream_id == sid]
+    assert resets
+    assert resets[0].reason == "peer restarted"
+    assert [e for e in a.of(StreamReset) if e.reason == "peer restarted"] == resets
     assert net.now < 10  # detected within a few probe timeouts
     a.streams.clear()  # stream ids start over on the new connection
     _echo_round_trip(net, a, b, 5000)  # new streams just work
+
+
+def test_stream_limit_raised_by_max_streams_survives_a_rekey() -> None:
+    config = TunnelConfig(
+        max_streams=4, rekey_after_time=1.0, keepalive=0.3, persistent_keepalive=True
+    )
+    net, a, b = make_pair(config=config)
+    tunnel = a.endpoint.tunnel(b.endpoint.public) or a.endpoint.connect(
+        b.endpoint.public, B_ADDR, net.now
+    )
+    for round_ in range(3):
+        for _ in range(4):  # four more streams than the initial limit each round
+            sid = tunnel.open_stream(80, net.now)
+            a.write(tunnel, sid, b"x", fin=True)
+            assert net.run(until=lambda sid=sid: a.state(tunnel, sid).eof, timeout=30)
+        net.run_for(1.5)  # at least one rekey; its hello repeats max_streams=4
+        assert tunnel.statistics().rekeys >= round_ + 1
+    assert tunnel.is_established
 
 
 def test_simultaneous_initiation_yields_one_session() -> None:
