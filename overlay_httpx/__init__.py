@@ -7,6 +7,7 @@ is the key pair its tunnels prove. See the README for the whole picture.
 from ._address import Address
 from ._exceptions import (
     AddressError,
+    HandshakeTimeout,
     IdentityCorrupt,
     IdentityError,
     IdentityExists,
@@ -16,14 +17,30 @@ from ._exceptions import (
     NoiseDecryptError,
     NoiseStateError,
     OverlayError,
+    PeerRestarted,
+    PortInUse,
+    PortUnreachable,
     RemoteProtocolError,
+    StreamReset,
+    TunnelClosed,
+    TunnelError,
+    UnknownPeer,
 )
 from ._identity import Identity, PublicIdentity
+from ._node import (
+    Node,
+    NodeStatistics,
+    OverlayAttribute,
+    OverlayListener,
+    OverlayStream,
+    PeerInfo,
+)
 from ._version import __version__
 
 __all__ = [
     "Address",
     "AddressError",
+    "HandshakeTimeout",
     "Identity",
     "IdentityCorrupt",
     "IdentityError",
@@ -31,10 +48,23 @@ __all__ = [
     "IdentityInsecure",
     "IdentityNotFound",
     "LocalProtocolError",
+    "Node",
+    "NodeStatistics",
     "NoiseDecryptError",
     "NoiseStateError",
+    "OverlayAttribute",
     "OverlayError",
+    "OverlayListener",
+    "OverlayStream",
+    "PeerInfo",
+    "PeerRestarted",
+    "PortInUse",
+    "PortUnreachable",
     "PublicIdentity",
     "RemoteProtocolError",
+    "StreamReset",
+    "TunnelClosed",
+    "TunnelError",
+    "UnknownPeer",
     "__version__",
 ]

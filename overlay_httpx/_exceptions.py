@@ -13,20 +13,39 @@ catches ``ValueError`` or ``FileNotFoundError`` keeps working::
     │   └── IdentityCorrupt     (ValueError)
     ├── LocalProtocolError                     you misused an API (h11's split)
     │   └── NoiseStateError                    e.g. writing out of turn
-    └── RemoteProtocolError                    the peer sent something invalid
-        ├── NoiseDecryptError                  AEAD authentication failed
-        ├── FrameError                         a frame or packet could not be decoded
-        └── FlowControlError                   the peer sent beyond a limit we gave it
+    ├── RemoteProtocolError                    the peer sent something invalid
+    │   ├── NoiseDecryptError                  AEAD authentication failed
+    │   ├── FrameError                         a frame or packet could not be decoded
+    │   └── FlowControlError                   the peer sent beyond a limit we gave it
+    └── TunnelError                            a tunnel or stream could not do its job
+        ├── UnknownPeer         (LookupError)  no identity or endpoint for an address
+        ├── HandshakeTimeout    (TimeoutError) the peer never answered the handshake
+        ├── PortInUse           (OSError)      listen() on a port already listened on
+        ├── TunnelClosed        (anyio.BrokenResourceError)  by the peer, idle timeout, us
+        │   └── PeerRestarted                  the peer came back with a new session
+        └── StreamReset         (anyio.BrokenResourceError)  the peer abandoned the stream
+            └── PortUnreachable (ConnectionRefusedError)     nobody listens on that port
+
+Every `TunnelError` names the overlay address (and the port, where there is
+one) in its message and carries them as ``address`` and ``port``.
 
 The mapping to httpx exceptions lives in one place, beside the transport.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import anyio
+
+if TYPE_CHECKING:
+    from ._address import Address
+
 __all__ = [
     "AddressError",
     "FlowControlError",
     "FrameError",
+    "HandshakeTimeout",
     "IdentityCorrupt",
     "IdentityError",
     "IdentityExists",
@@ -36,7 +55,14 @@ __all__ = [
     "NoiseDecryptError",
     "NoiseStateError",
     "OverlayError",
+    "PeerRestarted",
+    "PortInUse",
+    "PortUnreachable",
     "RemoteProtocolError",
+    "StreamReset",
+    "TunnelClosed",
+    "TunnelError",
+    "UnknownPeer",
 ]
 
 
@@ -90,3 +116,62 @@ class FrameError(RemoteProtocolError):
 
 class FlowControlError(RemoteProtocolError):
     """The peer sent data past a flow-control limit or changed a stream's final size."""
+
+
+class TunnelError(OverlayError):
+    """A tunnel or stream to `address` (port `port`, when there is one) failed."""
+
+    def __init__(self, message: str, *, address: Address | None = None, port: int | None = None):
+        super().__init__(message)
+        self.address = address
+        self.port = port
+
+
+class UnknownPeer(TunnelError, LookupError):
+    """No public identity and UDP endpoint are known for the address."""
+
+
+class HandshakeTimeout(TunnelError, TimeoutError):
+    """The peer did not answer the handshake within the handshake timeout."""
+
+
+class PortInUse(TunnelError, OSError):
+    """Something on this node already listens on the overlay port."""
+
+
+class TunnelClosed(TunnelError, anyio.BrokenResourceError):
+    """The tunnel ended under the stream: closed by the peer, by idle timeout or by us."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        address: Address | None = None,
+        port: int | None = None,
+        by_peer: bool = False,
+    ) -> None:
+        super().__init__(message, address=address, port=port)
+        self.by_peer = by_peer
+
+
+class PeerRestarted(TunnelClosed):
+    """The peer restarted (same identity, new session); its old streams are gone."""
+
+
+class StreamReset(TunnelError, anyio.BrokenResourceError):
+    """The peer reset the stream (or asked us to stop sending) with `error_code`."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        address: Address | None = None,
+        port: int | None = None,
+        error_code: int = 0,
+    ) -> None:
+        super().__init__(message, address=address, port=port)
+        self.error_code = error_code
+
+
+class PortUnreachable(StreamReset, ConnectionRefusedError):
+    """The peer answered that nothing listens on the overlay port."""

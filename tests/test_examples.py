@@ -14,3 +14,13 @@ def test_tunnel_in_memory(capsys: pytest.CaptureFixture[str]) -> None:
     runpy.run_path(str(EXAMPLES / "tunnel_in_memory.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "delivered 1048576 bytes intact=True" in out
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_node_echo(
+    backend: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.argv", ["node_echo.py", backend])
+    runpy.run_path(str(EXAMPLES / "node_echo.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "echoed 1048576 bytes intact=True" in out

@@ -223,6 +223,15 @@ class Endpoint:
                     self.release_index(session.local_index)
                 del self._tunnels[peer]
 
+    @property
+    def dropped(self) -> int:
+        """Datagrams dropped before reaching a tunnel, all reasons together (cheap)."""
+        return self._drops.total()
+
+    @property
+    def drops(self) -> dict[str, int]:
+        return dict(self._drops)
+
     def statistics(self) -> EndpointStatistics:
         return EndpointStatistics(
             tunnels=tuple(t.statistics() for t in self._tunnels.values()),

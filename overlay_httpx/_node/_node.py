@@ -1,0 +1,524 @@
+"""`Node`: the in-process tunnel manager on one real UDP socket.
+
+One Node serves every client and server of a process. It owns the socket,
+the sans-IO `Endpoint` (the table of tunnels, one per peer) and one timer
+task, and turns the endpoint's events into wake-ups and errors for the
+`OverlayStream`s and `OverlayListener`s built on it. Received datagrams are
+fed to the endpoint synchronously from the socket's reader, and everything the
+endpoint wants to send goes out in the same call (`_flush`), so no datagram
+ever waits in a queue of ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, NamedTuple
+
+import anyio
+
+from .._address import Address
+from .._exceptions import (
+    LocalProtocolError,
+    PortInUse,
+    UnknownPeer,
+)
+from .._identity import Identity, PublicIdentity
+from .._protocol._config import MAX_DATAGRAM_SIZE, MIN_DATAGRAM_SIZE, TunnelConfig
+from .._protocol._endpoint import Endpoint, TrustCallback
+from .._protocol._stats import TunnelStatistics
+from .._protocol._tunnel import Tunnel
+from ._router import Router
+from ._stream import OverlayListener, OverlayStream, Path
+from ._udp import DEFAULT_BUFFER_BYTES, Addr, UdpSocket, current_backend, parse_endpoint
+
+__all__ = ["Node", "NodeStatistics", "PeerInfo"]
+
+logger = logging.getLogger("overlay_httpx")
+
+_LOOPBACK_DATAGRAM_SIZE: Final = MAX_DATAGRAM_SIZE
+_ADDRESS_DOMAIN: Final = b"overlay_httpx address v1"
+
+
+class PeerInfo(NamedTuple):
+    """How to reach a peer: its proven keys and its UDP endpoint."""
+
+    address: Address
+    identity: PublicIdentity
+    endpoint: Addr
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatistics:
+    """A node at one instant (trio's `statistics()` convention: an immutable snapshot)."""
+
+    address: Address
+    endpoint: Addr
+    receive_buffer: int
+    """SO_RCVBUF as granted by the kernel (Linux reports twice the usable size)."""
+    send_buffer: int
+    max_datagram_size: int
+    tunnels: tuple[TunnelStatistics, ...]
+    streams: int
+    listeners: tuple[int, ...]
+    datagrams_received: int
+    datagrams_sent: int
+    drops: dict[str, int]
+    """Datagrams dropped before reaching a tunnel, by reason."""
+    send_errors: dict[str, int]
+    """Datagrams the kernel refused to send, by errno name (treated as loss)."""
+
+
+def default_address(identity: PublicIdentity, network: int = 1) -> Address:
+    """The address a node takes when none is given: derived from its key, so stable."""
+    digest = hashlib.sha256(_ADDRESS_DOMAIN + identity.x25519).digest()
+    node = int.from_bytes(digest[:4], "big")
+    if node in (0, 0xFFFF_FFFF):  # reserved: unspecified and broadcast
+        node = 1
+    return Address(network, node)
+
+
+def _as_address(value: Address | str) -> Address:
+    if isinstance(value, Address):
+        return value
+    if isinstance(value, str):
+        return Address.from_host(value) if value.endswith(".overlay") else Address.parse(value)
+    raise LocalProtocolError(
+        f"address {value!r}: expected an Address or text like '1:0001.0001.0001'"
+    )
+
+
+def _check_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+        raise LocalProtocolError(f"overlay port {port!r}: expected an int in 0..65535")
+    return port
+
+
+class Node:
+    """Every tunnel of this process, on one UDP socket.
+
+    ::
+
+        async with Node(identity) as node:
+            node.add_peer(address, public_identity, "127.0.0.1:4001")
+            stream = await node.connect(address, 80)
+
+    The address defaults to one derived from the identity, so it survives
+    restarts. `max_datagram_size` defaults to 1200 bytes (safe on every path),
+    or the largest size when bound to loopback, where no path can be smaller.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        network: int = 1,
+        address: Address | str | None = None,
+        bind: str | tuple[str, int] = "127.0.0.1:0",
+        keepalive: float | None = 30.0,
+        idle_timeout: float = 120.0,
+        handshake_timeout: float = 5.0,
+        persistent_keepalive: bool = False,
+        max_datagram_size: int | None = None,
+        trust: TrustCallback | None = None,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        linger: float = 2.0,
+    ) -> None:
+        if not isinstance(identity, Identity):
+            raise LocalProtocolError(
+                f"identity: expected an overlay_httpx.Identity, got {type(identity).__name__}"
+                " (use Identity.generate() or Identity.load_or_create(path))"
+            )
+        self._identity = identity
+        self._bind = parse_endpoint(bind, "bind")
+        if address is None:
+            self._address = default_address(identity.public, network)
+        else:
+            self._address = _as_address(address)
+            if self._address.network != network and network != 1:
+                raise LocalProtocolError(
+                    f"address {self._address} is in network {self._address.network}, "
+                    f"but network={network} was given"
+                )
+        if max_datagram_size is None:
+            loopback = ipaddress.ip_address(self._bind[0]).is_loopback
+            max_datagram_size = _LOOPBACK_DATAGRAM_SIZE if loopback else MIN_DATAGRAM_SIZE
+        try:
+            self._config = TunnelConfig(
+                max_datagram_size=max_datagram_size,
+                keepalive=keepalive,
+                persistent_keepalive=persistent_keepalive,
+                idle_timeout=idle_timeout,
+                handshake_timeout=handshake_timeout,
+            )
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        self._trust = trust
+        self._buffer_bytes = buffer_bytes
+        self._linger = linger
+        self._peers: dict[Address, PeerInfo] = {}
+        self._router = Router(self)
+        self._endpoint: Endpoint | None = None
+        self._udp: UdpSocket | None = None
+        self._stack: AsyncExitStack | None = None
+        self._clock: Callable[[], float] = time.monotonic
+        self._deadline = math.inf  # when the endpoint needs handle_timer
+        self._armed = math.inf  # when the timer task will wake (never later than that)
+        self._timer_scope: anyio.CancelScope | None = None
+        self._in_flush = False
+        self._flush_again = False
+        self._drained: anyio.Event | None = None
+        self._dropped_logged = 0
+        self._losses_logged: dict[bytes, int] = {}
+        self._state = "new"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        if self._state != "new":
+            raise LocalProtocolError(
+                f"this Node is {self._state}; create a new Node to start again"
+            )
+        if current_backend() == "asyncio":
+            import asyncio
+
+            self._clock = asyncio.get_running_loop().time
+        else:
+            import trio
+
+            self._clock = trio.current_time
+        now = self._clock()
+        self._endpoint = Endpoint(
+            self._identity,
+            self._address,
+            config=self._config,
+            trust=self._admit,
+            timestamp_origin_ns=time.time_ns() - int(now * 1e9),
+        )
+        self._udp = UdpSocket(
+            self._bind, self._on_datagram, self._flush, buffer_bytes=self._buffer_bytes
+        )
+        stack = AsyncExitStack()
+        try:
+            group = await stack.enter_async_context(anyio.create_task_group())
+            group.start_soon(self._timer_loop)
+            if self._udp.needs_reader_task:
+                group.start_soon(self._udp.run)
+        except BaseException:
+            self._udp.close()
+            await stack.aclose()
+            raise
+        self._group = group
+        self._stack = stack
+        self._state = "running"
+        logger.debug("node %s listening on UDP %s:%d", self._address, *self.endpoint)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Deliver what streams still owe (up to `linger` seconds), tell peers, stop.
+
+        Peers get a CLOSE, so their tunnels end at once rather than by idle
+        timeout; streams still open fail with `TunnelClosed`.
+        """
+        if self._state != "running":
+            return
+        self._state = "closing"
+        assert self._endpoint is not None
+        assert self._udp is not None
+        assert self._stack is not None
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self._linger):
+                while not self._all_delivered():
+                    self._drained = anyio.Event()
+                    await self._drained.wait()
+            self._drained = None
+            self._endpoint.close(self._clock(), reason="node closed")
+            self._flush()
+            self._router.close_all(f"node {self._address} closed")
+            self._udp.close()
+        self._group.cancel_scope.cancel()
+        self._state = "closed"
+        await self._stack.aclose()
+        logger.debug("node %s closed", self._address)
+
+    def _check_running(self) -> Endpoint:
+        if self._state != "running" or self._endpoint is None:
+            raise LocalProtocolError(
+                f"Node {self._address} is {self._state}: use it inside 'async with Node(...)'"
+            )
+        return self._endpoint
+
+    # -- identity and peers -----------------------------------------------------------------
+
+    @property
+    def address(self) -> Address:
+        return self._address
+
+    @property
+    def public(self) -> PublicIdentity:
+        return self._identity.public
+
+    @property
+    def identity(self) -> Identity:
+        return self._identity
+
+    @property
+    def endpoint(self) -> Addr:
+        """The bound UDP (host, port)."""
+        if self._udp is None:
+            raise LocalProtocolError("the Node is not started: use 'async with Node(...)'")
+        return self._udp.local_endpoint
+
+    def add_peer(
+        self,
+        address: Address | str,
+        identity: PublicIdentity | str,
+        endpoint: str | tuple[str, int],
+    ) -> None:
+        """A peer reachable without a rendezvous: its address, public identity and UDP endpoint."""
+        addr = _as_address(address)
+        if isinstance(identity, str):
+            identity = PublicIdentity.parse(identity)
+        if not isinstance(identity, PublicIdentity):
+            raise LocalProtocolError(
+                f"identity {identity!r}: expected a PublicIdentity or its 'ovid1_...' text"
+            )
+        if identity == self.public:
+            raise LocalProtocolError(f"{addr} is this node's own identity; it cannot be a peer")
+        self._peers[addr] = PeerInfo(addr, identity, parse_endpoint(endpoint, "peer endpoint"))
+
+    def remove_peer(self, address: Address | str) -> None:
+        self._peers.pop(_as_address(address), None)
+
+    def peers(self) -> list[PeerInfo]:
+        return list(self._peers.values())
+
+    def _locate(self, address: Address, port: int) -> PeerInfo:
+        """Static peers first, then peers that reached us (we learned them from a handshake)."""
+        peer = self._peers.get(address)
+        if peer is not None:
+            return peer
+        if self._endpoint is not None:
+            for tunnel in self._endpoint.tunnels():
+                if tunnel.peer_address == address and tunnel.peer_identity is not None:
+                    return PeerInfo(address, tunnel.peer_identity, tunnel.remote_addr)
+        raise UnknownPeer(
+            f"unknown peer {address}: no identity or UDP endpoint known "
+            f"(add it with node.add_peer(address, identity, 'host:port'))",
+            address=address,
+            port=port,
+        )
+
+    def _admit(self, identity: PublicIdentity, address: Address) -> bool:
+        """Trust policy, checked on every initiation before any state is kept."""
+        known = self._peers.get(address)
+        if known is not None and known.identity != identity:
+            logger.debug("refused handshake: %s claimed by a key that is not its own", address)
+            return False
+        return self._trust is None or self._trust(identity, address)
+
+    # -- streams -------------------------------------------------------------------------------
+
+    async def connect(self, address: Address | str, port: int = 80) -> OverlayStream:
+        """A new stream to `port` on the node at `address`.
+
+        The first stream to a peer makes the tunnel (one handshake round trip,
+        shared by concurrent callers); later streams reuse it and cost no round
+        trip. A refused port shows as `PortUnreachable` on the stream's first
+        `receive` or `send` after the peer's answer, one round trip later.
+        """
+        endpoint = self._check_running()
+        addr = _as_address(address)
+        port = _check_port(port)
+        peer = self._locate(addr, port)
+        key = peer.identity.x25519
+        while True:
+            tunnel = endpoint.tunnel(key)
+            if tunnel is None or tunnel.is_closed:
+                tunnel = endpoint.connect(peer.identity, peer.endpoint, self._clock())
+                self._flush()
+            if tunnel.is_established:
+                break
+            await self._router.wait_handshake(key, addr, port)
+            self._check_running()
+        stream_id = tunnel.open_stream(port, self._clock())
+        stream = OverlayStream(
+            self, tunnel, stream_id, port=port, peer_address=addr, peer_identity=peer.identity
+        )
+        self._router.add(stream)
+        self._flush()
+        return stream
+
+    async def listen(self, port: int = 80, *, backlog: int = 1024) -> OverlayListener:
+        """Accept streams that peers open to `port` (see `OverlayListener`)."""
+        endpoint = self._check_running()
+        port = _check_port(port)
+        if port in self._router.listeners:
+            raise PortInUse(
+                f"overlay port {port} on {self._address} is already listened on",
+                address=self._address,
+                port=port,
+            )
+        listener = OverlayListener(self, port, backlog=backlog)
+        self._router.listeners[port] = listener
+        endpoint.listen(port)
+        await anyio.lowlevel.checkpoint()
+        return listener
+
+    def _unlisten(self, port: int) -> None:
+        self._router.listeners.pop(port, None)
+        if self._endpoint is not None:
+            self._endpoint.unlisten(port)
+
+    def _forget_if_done(self, stream: OverlayStream) -> None:
+        self._router.forget_if_done(stream)
+
+    def _path_to(self, tunnel: Tunnel) -> Path:
+        return "direct"
+
+    # -- the IO loop ---------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock()
+
+    def _on_datagram(self, data: bytes, addr: Addr) -> None:
+        assert self._endpoint is not None
+        self._endpoint.receive_datagram(data, addr, self._clock())
+
+    def _flush(self) -> None:
+        """Send what the endpoint has, act on its events, re-arm the timer."""
+        endpoint, udp = self._endpoint, self._udp
+        if endpoint is None or udp is None:
+            return
+        if self._in_flush:
+            self._flush_again = True
+            return
+        self._in_flush = True
+        try:
+            while True:
+                self._flush_again = False
+                for data, addr in endpoint.datagrams_to_send(self._clock()):
+                    udp.sendto(data, addr)
+                self._router.process(endpoint)
+                if not self._flush_again:
+                    break
+            timer = endpoint.get_timer()
+            self._set_deadline(math.inf if timer is None else timer)
+            if self._drained is not None and self._all_delivered():
+                self._drained.set()
+            if logger.isEnabledFor(logging.DEBUG):
+                self._log_activity(endpoint)
+        finally:
+            self._in_flush = False
+
+    def _set_deadline(self, deadline: float) -> None:
+        """Record when the endpoint next needs `handle_timer`.
+
+        The timer is only moved earlier, never later: moving a loop timer
+        costs more than waking once too early, which `_timer_loop` absorbs by
+        sleeping again until the real deadline.
+        """
+        self._deadline = deadline
+        if deadline < self._armed:
+            self._armed = deadline
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = deadline
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._armed = self._deadline
+            with anyio.CancelScope(deadline=self._armed) as scope:
+                self._timer_scope = scope
+                await anyio.sleep_forever()
+            self._timer_scope = None
+            endpoint = self._endpoint
+            now = self._clock()
+            if endpoint is not None and now >= self._deadline - 1e-6:
+                # Loops may wake a hair early; the endpoint compares with `>=`.
+                endpoint.handle_timer(max(now, self._deadline))
+                self._flush()
+            await anyio.lowlevel.checkpoint()
+
+    def _all_delivered(self) -> bool:
+        endpoint = self._endpoint
+        return endpoint is None or not any(t.has_unacked_data for t in endpoint.tunnels())
+
+    def _log_activity(self, endpoint: Endpoint) -> None:
+        """Debug lines for drops and loss episodes (only computed when debug is on)."""
+        dropped = endpoint.dropped
+        if dropped != self._dropped_logged:
+            self._dropped_logged = dropped
+            logger.debug(
+                "node %s: %d datagrams dropped so far: %s",
+                self._address,
+                dropped,
+                endpoint.drops,
+            )
+        for tunnel in endpoint.tunnels():
+            stats = tunnel.statistics()
+            before = self._losses_logged.get(tunnel.peer, 0)
+            if stats.packets_lost > before:
+                self._losses_logged[tunnel.peer] = stats.packets_lost
+                logger.debug(
+                    "tunnel to %s: %d packets lost (%d in all), cwnd %d, rtt %s",
+                    stats.peer_address,
+                    stats.packets_lost - before,
+                    stats.packets_lost,
+                    stats.congestion_window,
+                    f"{stats.smoothed_rtt * 1e3:.2f} ms" if stats.smoothed_rtt else "unknown",
+                )
+
+    # -- maintenance ----------------------------------------------------------------------------
+
+    async def rebind(self, bind: str | tuple[str, int] | None = None) -> None:
+        """Move to a new UDP socket (by default a new port on the same host).
+
+        Peers see our packets come from a new endpoint and validate it, as
+        after a NAT rebinding; streams carry on.
+        """
+        self._check_running()
+        assert self._udp is not None
+        target = parse_endpoint(bind, "bind") if bind is not None else (self._bind[0], 0)
+        self._udp.rebind(target)
+        if self._endpoint is not None:
+            for tunnel in self._endpoint.tunnels():
+                tunnel.ping()
+        self._flush()
+        await anyio.lowlevel.checkpoint()
+
+    def statistics(self) -> NodeStatistics:
+        endpoint = self._check_running()
+        assert self._udp is not None
+        stats = endpoint.statistics()
+        return NodeStatistics(
+            address=self._address,
+            endpoint=self._udp.local_endpoint,
+            receive_buffer=self._udp.receive_buffer,
+            send_buffer=self._udp.send_buffer,
+            max_datagram_size=self._config.max_datagram_size,
+            tunnels=stats.tunnels,
+            streams=len(self._router.streams),
+            listeners=tuple(sorted(self._router.listeners)),
+            datagrams_received=stats.datagrams_received,
+            datagrams_sent=stats.datagrams_sent,
+            drops=dict(stats.drops),
+            send_errors=dict(self._udp.send_errors),
+        )
+
+    def __repr__(self) -> str:
+        return f"<Node {self._address} {self._state}>"

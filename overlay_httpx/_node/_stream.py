@@ -1,0 +1,339 @@
+"""Overlay streams and listeners as anyio's `ByteStream` and `Listener`.
+
+Third-party code that takes an anyio byte stream (an h2 connection, a TLS
+wrapper, `anyio.streams.buffered`) can take an `OverlayStream` unchanged. The
+bytes live in the sans-IO tunnel until read, so a slow reader holds its peer
+back by flow control rather than by filling a buffer of ours; these classes
+only wait for the tunnel's events and translate its errors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import anyio
+from anyio.abc import ByteStream, Listener, TaskGroup
+
+from .._address import Address
+from .._exceptions import TunnelError
+from .._identity import PublicIdentity
+from .._protocol._events import ERROR_APPLICATION, ERROR_NO_ERROR
+
+if TYPE_CHECKING:
+    from .._protocol._tunnel import Tunnel
+    from ._node import Node
+
+__all__ = ["OverlayAttribute", "OverlayListener", "OverlayStream", "Path"]
+
+Path = Literal["direct", "relayed"]
+
+DEFAULT_RECEIVE_SIZE: Final = 65536
+DEFAULT_BACKLOG: Final = 1024
+
+
+class OverlayAttribute(anyio.TypedAttributeSet):
+    """Typed attributes of overlay streams and listeners (``stream.extra(...)``)."""
+
+    #: the node's own overlay address
+    local_address: Address = anyio.typed_attribute()
+    #: the overlay port the stream was opened to (for listeners: the port listened on)
+    port: int = anyio.typed_attribute()
+    #: the peer's overlay address, as proven by its handshake
+    peer_address: Address = anyio.typed_attribute()
+    #: the peer's public identity (its keys), as proven by its handshake
+    peer_identity: PublicIdentity = anyio.typed_attribute()
+    #: "direct" or "relayed"
+    path: Path = anyio.typed_attribute()
+    #: the UDP endpoint the peer's packets currently come from
+    peer_endpoint: tuple[str, int] = anyio.typed_attribute()
+    #: the tunnel's smoothed round-trip time in seconds (None before a sample)
+    rtt: float | None = anyio.typed_attribute()
+
+
+class OverlayStream(ByteStream):
+    """One reliable, ordered, bidirectional byte stream inside a tunnel.
+
+    `send` waits while the send buffer is full (backpressure), `receive`
+    returns bytes as they arrive, `send_eof` half-closes, and `aclose` ends
+    both directions: the FIN goes out after every byte already sent (the
+    node keeps delivering them after `aclose` returns), and if we had not read
+    to the end the peer is told to stop sending. Cancelling any of these
+    leaves the stream consistent: a cancelled `send` may have queued a prefix
+    of its data, as with a TCP socket.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        tunnel: Tunnel,
+        stream_id: int,
+        *,
+        port: int,
+        peer_address: Address,
+        peer_identity: PublicIdentity,
+    ) -> None:
+        self._node = node
+        self._tunnel = tunnel
+        self._stream_id = stream_id
+        self._port = port
+        self._peer_address = peer_address
+        self._peer_identity = peer_identity
+        self._readable: anyio.Event | None = None
+        self._writable: anyio.Event | None = None
+        self._receive_error: BaseException | None = None
+        self._send_error: BaseException | None = None
+        self._eof_received = False
+        self._eof_sent = False
+        self._closed = False
+        self._receive_guard = anyio.ResourceGuard("reading from")
+        self._send_guard = anyio.ResourceGuard("writing to")
+
+    # -- what the node calls --------------------------------------------------------------
+
+    @property
+    def key(self) -> tuple[bytes, int]:
+        return self._tunnel.peer, self._stream_id
+
+    def _wake_reader(self) -> None:
+        if self._readable is not None:
+            self._readable.set()
+            self._readable = None
+
+    def _wake_writer(self) -> None:
+        if self._writable is not None:
+            self._writable.set()
+            self._writable = None
+
+    def _fail(self, error: TunnelError, *, receive: bool = True, send: bool = True) -> None:
+        """The tunnel gave up this direction (or both): waiters see `error`."""
+        if receive and self._receive_error is None and not self._eof_received:
+            self._receive_error = error
+        if send and self._send_error is None and not self._eof_sent:
+            self._send_error = error
+        self._wake_reader()
+        self._wake_writer()
+
+    @property
+    def _finished(self) -> bool:
+        """Nothing more can happen on this stream from our side."""
+        return self._closed or (
+            (self._eof_received or self._receive_error is not None)
+            and (self._eof_sent or self._send_error is not None)
+        )
+
+    # -- ByteStream ---------------------------------------------------------------------------
+
+    async def receive(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
+        with self._receive_guard:
+            while True:
+                if self._closed:
+                    raise anyio.ClosedResourceError
+                if self._eof_received:
+                    raise anyio.EndOfStream
+                if self._receive_error is not None:
+                    raise self._receive_error
+                tunnel, sid = self._tunnel, self._stream_id
+                data = tunnel.read_stream(sid, max_bytes, now=self._node._now())
+                at_eof = tunnel.stream_at_eof(sid)
+                if at_eof:
+                    self._eof_received = True
+                if data:
+                    if tunnel.wants_to_send:
+                        self._node._flush()  # window updates the read released
+                    self._node._forget_if_done(self)
+                    return data
+                if at_eof:
+                    self._node._forget_if_done(self)
+                    raise anyio.EndOfStream
+                event = self._readable = anyio.Event()
+                await event.wait()
+
+    async def send(self, item: bytes) -> None:
+        with self._send_guard:
+            view = memoryview(item).cast("B")
+            while True:
+                if self._closed:
+                    raise anyio.ClosedResourceError
+                if self._send_error is not None:
+                    raise self._send_error
+                if self._eof_sent:
+                    raise anyio.ClosedResourceError("send() after send_eof()")
+                if not view:
+                    return
+                room = self._tunnel.send_buffer_available(self._stream_id)
+                if room:
+                    chunk, view = view[:room], view[room:]
+                    self._tunnel.send_stream(self._stream_id, bytes(chunk))
+                    self._node._flush()
+                    continue
+                event = self._writable = anyio.Event()
+                await event.wait()
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads every byte sent so far, then end-of-stream."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._send_error is not None:
+            raise self._send_error
+        if not self._eof_sent:
+            self._eof_sent = True
+            self._tunnel.send_stream(self._stream_id, b"", end_stream=True)
+            self._node._flush()
+            self._node._forget_if_done(self)
+        await anyio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        self.close()
+        await anyio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Like `aclose` but synchronous (for cleanup paths that cannot await)."""
+        if self._closed:
+            return
+        tunnel, sid = self._tunnel, self._stream_id
+        if not tunnel.is_closed and self._send_error is None and not self._eof_sent:
+            tunnel.send_stream(sid, b"", end_stream=True)
+        if not tunnel.is_closed and self._receive_error is None and not self._eof_received:
+            tunnel.stop_sending(sid, ERROR_NO_ERROR)
+        self._end_locally()
+
+    def _end_locally(self) -> None:
+        """We are done with both directions: wake any waiter and let the node forget us."""
+        self._eof_sent = True
+        self._closed = True
+        self._wake_reader()
+        self._wake_writer()
+        self._node._flush()
+        self._node._forget_if_done(self)
+
+    def reset(self, error_code: int = ERROR_APPLICATION) -> None:
+        """Abort both directions now: unsent data is dropped and the peer sees a reset."""
+        if self._closed:
+            return
+        tunnel, sid = self._tunnel, self._stream_id
+        if not tunnel.is_closed:
+            tunnel.reset_stream(sid, error_code)
+            tunnel.stop_sending(sid, error_code)
+        self._end_locally()
+
+    # -- attributes --------------------------------------------------------------------------
+
+    @property
+    def peer_address(self) -> Address:
+        return self._peer_address
+
+    @property
+    def peer_identity(self) -> PublicIdentity:
+        return self._peer_identity
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        tunnel = self._tunnel
+        return {
+            OverlayAttribute.local_address: lambda: self._node.address,
+            OverlayAttribute.port: lambda: self._port,
+            OverlayAttribute.peer_address: lambda: self._peer_address,
+            OverlayAttribute.peer_identity: lambda: self._peer_identity,
+            OverlayAttribute.path: lambda: self._node._path_to(tunnel),
+            OverlayAttribute.peer_endpoint: lambda: tunnel.remote_addr,
+            OverlayAttribute.rtt: lambda: tunnel.statistics().smoothed_rtt,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<OverlayStream {self._peer_address}:{self._port} "
+            f"id={self._stream_id}{' closed' if self._closed else ''}>"
+        )
+
+
+class OverlayListener(Listener[OverlayStream]):
+    """Streams opened by peers to one overlay port of this node."""
+
+    def __init__(self, node: Node, port: int, *, backlog: int = DEFAULT_BACKLOG) -> None:
+        self._node = node
+        self._port = port
+        self._backlog = backlog
+        self._pending: deque[OverlayStream] = deque()
+        self._arrived: anyio.Event | None = None
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def _offer(self, stream: OverlayStream) -> bool:
+        """Queue an incoming stream; False when the backlog is full (the node refuses it)."""
+        if self._closed or len(self._pending) >= self._backlog:
+            return False
+        self._pending.append(stream)
+        if self._arrived is not None:
+            self._arrived.set()
+            self._arrived = None
+        return True
+
+    async def accept(self) -> OverlayStream:
+        """The next stream a peer opened to this port."""
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._pending:
+                await anyio.lowlevel.checkpoint()
+                if self._pending:
+                    return self._pending.popleft()
+                continue
+            event = self._arrived = anyio.Event()
+            await event.wait()
+
+    async def serve(
+        self,
+        handler: Callable[[OverlayStream], Any],
+        task_group: TaskGroup | None = None,
+    ) -> None:
+        """Run ``handler(stream)`` in a task for every incoming stream, until closed."""
+
+        async def run(stream: OverlayStream) -> None:
+            async with stream:
+                await handler(stream)
+
+        async with anyio.create_task_group() as own:
+            group = task_group or own
+            while True:
+                try:
+                    stream = await self.accept()
+                except anyio.ClosedResourceError:
+                    return
+                group.start_soon(run, stream)
+
+    async def aclose(self) -> None:
+        self.close()
+        await anyio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._node._unlisten(self._port)
+        while self._pending:
+            self._pending.popleft().reset(ERROR_NO_ERROR)
+        if self._arrived is not None:
+            self._arrived.set()
+            self._arrived = None
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {
+            OverlayAttribute.local_address: lambda: self._node.address,
+            OverlayAttribute.port: lambda: self._port,
+        }
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<OverlayListener {self._node.address}:{self._port}{state}>"
