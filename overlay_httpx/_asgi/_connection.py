@@ -1,0 +1,372 @@
+"""One overlay stream from one peer: one HTTP/2 connection carrying many requests.
+
+The reader feeds received bytes to a sans-IO `h2.connection.H2Connection` and
+turns its events into request tasks (one task per request, the only task
+spawned per request) and wake-ups. Every h2 call happens between awaits,
+never across one. Every write goes through `flush`, which lets one task at a
+time write to the stream: the task that finds the stream idle writes all that
+h2 has queued (its own frames and anyone else's) in as few `send` calls as
+possible, shielded from cancellation so that a cancelled app can never leave
+half a frame on the wire; others wait for it.
+
+A peer that breaks the protocol gets a GOAWAY and loses this connection only.
+Graceful shutdown sends a GOAWAY of our own making (h2 would stop all sending
+after its own), refuses streams past it, and lets the rest finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Final
+
+import anyio
+from anyio.abc import TaskGroup
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+from .._node import OverlayAttribute, OverlayStream
+from ._request import Request, simple_response
+from ._scope import BadRequest, ConnectionInfo, build_scope
+from ._types import ASGIApp
+
+__all__ = ["Connection"]
+
+logger = logging.getLogger("overlay_httpx")
+
+RECEIVE_SIZE: Final = 256 * 1024
+#: what one request may send before the app reads it (SETTINGS_INITIAL_WINDOW_SIZE)
+STREAM_WINDOW: Final = 1024 * 1024
+#: what all requests of a connection together may send before the apps read it
+CONNECTION_WINDOW: Final = 8 * 1024 * 1024
+MAX_FRAME_SIZE: Final = 64 * 1024
+#: how long closing waits to deliver its last frames to a peer that does not read
+CLOSE_TIMEOUT: Final = 1.0
+_DEFAULT_WINDOW: Final = 65535
+
+_H2_CONFIG: Final = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    # Checked per request in `_scope` (400, not a connection error) and in
+    # `_request` for responses; h2's own checks would also cost a Python loop
+    # per header character.
+    validate_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+
+
+class _ServerSettings(Settings):
+    """Our SETTINGS, with h2's own concurrent-stream check moved out of the way.
+
+    h2 answers a stream over SETTINGS_MAX_CONCURRENT_STREAMS with a GOAWAY for
+    the whole connection; RFC 9113 section 5.1.2 allows refusing just that
+    stream, which `Connection` does (REFUSED_STREAM, safe for clients to
+    retry). So h2 checks against a ceiling far above the advertised value.
+    """
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return 2**31 - 1
+
+    @max_concurrent_streams.setter
+    def max_concurrent_streams(self, value: int) -> None:
+        self[SettingCodes.MAX_CONCURRENT_STREAMS] = value
+
+
+def _new_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connection:
+    h2 = H2Connection(config=_H2_CONFIG)
+    h2.local_settings = _ServerSettings(
+        client=False,
+        initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+        },
+    )
+    h2.max_inbound_frame_size = MAX_FRAME_SIZE
+    # Over the advertised size (up to twice) a request gets 431 from `build_scope`;
+    # beyond that the HPACK decoder stops decoding, which can only end the connection.
+    h2.decoder.max_header_list_size = 2 * max_header_list_size
+    return h2
+
+
+class Connection:
+    """Serves the requests of one overlay stream until the peer leaves or we shut down."""
+
+    def __init__(
+        self,
+        stream: OverlayStream,
+        app: ASGIApp,
+        info: ConnectionInfo,
+        *,
+        max_concurrent_streams: int,
+    ) -> None:
+        self._stream = stream
+        self._app = app
+        self._info = info
+        self._max_streams = max_concurrent_streams
+        self.h2 = _new_h2(max_concurrent_streams, info.max_header_list_size)
+        self.requests: dict[int, Request] = {}
+        self.blocked: set[Request] = set()  # requests waiting for send window
+        self.open_streams = 0  # h2 streams of ours not yet closed (the concurrency limit)
+        self.dead = False  # nothing more can be written
+        self._writing = False
+        self._flushed: anyio.Event | None = None
+        self._extra = b""  # frames h2 does not know about (our graceful GOAWAY)
+        self._task_group: TaskGroup | None = None
+        self._read_scope: anyio.CancelScope | None = None
+        self._stop_reading_now = False
+        self._draining = False
+        self._goaway_last: int | None = None
+        self._peer = stream.extra(OverlayAttribute.peer_address)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the peer leaves, the connection breaks or shutdown ends it; then close."""
+        h2 = self.h2
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                h2.initiate_connection()
+                h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+                await self.flush(wait=False)
+                with anyio.CancelScope() as scope:
+                    self._read_scope = scope
+                    if not self._stop_reading_now:
+                        await self._read_loop()
+                self._read_scope = None
+        finally:
+            self._task_group = None
+            with anyio.CancelScope(shield=True):
+                await self._close()
+
+    def start_shutdown(self) -> None:
+        """Graceful shutdown: GOAWAY now, refuse newer streams, finish the rest."""
+        if self._draining or self.dead:
+            return
+        self._draining = True
+        last = self.h2.highest_inbound_stream_id
+        self._goaway_last = last
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last
+        frame.error_code = ErrorCodes.NO_ERROR
+        self._extra += frame.serialize()
+        if not self.requests:
+            self._stop_reading()  # `run` closes, which writes the GOAWAY
+        elif self._task_group is not None:
+            self._task_group.start_soon(self.flush)
+
+    def abort(self) -> None:
+        """Shutdown ran out of time: reset every stream still open, cancel the apps, close."""
+        for request in list(self.requests.values()):
+            request._reset(ErrorCodes.CANCEL)
+        if self._writing:
+            # A writer is stuck in a send the peer is not reading: only a reset frees it.
+            self._mark_dead("shutdown timed out while the peer was not reading")
+            self._stream.reset()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        self._stop_reading_now = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    def _mark_dead(self, reason: str) -> None:
+        """Nothing more can be written: every request sees http.disconnect."""
+        if self.dead:
+            return
+        self.dead = True
+        logger.debug("HTTP/2 connection from %s ended: %s", self._peer, reason)
+        for request in list(self.requests.values()):
+            request.on_gone()
+        self._stop_reading()
+
+    async def _close(self) -> None:
+        """Write what is left (at most `CLOSE_TIMEOUT`), then close the overlay stream."""
+        stream = self._stream
+        if not self.dead and not self._writing:
+            data = self._take()
+            if data:
+                with anyio.move_on_after(CLOSE_TIMEOUT) as scope:
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        await stream.send(data)
+                if scope.cancelled_caught:
+                    stream.reset()
+        self.dead = True
+        await stream.aclose()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        stream, h2 = self._stream, self.h2
+        while True:
+            try:
+                data = await stream.receive(RECEIVE_SIZE)
+            except anyio.EndOfStream:
+                self._mark_dead("the peer closed the stream")
+                return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                self._mark_dead(f"the stream broke: {exc}")
+                return
+            try:
+                events = h2.receive_data(data)
+            except Exception as exc:  # ProtocolError, or whatever else garbage provokes
+                self._protocol_error(exc)
+            else:
+                try:
+                    self._handle(events)
+                except Exception as exc:  # a bug of ours: lose this connection, not the server
+                    logger.exception("HTTP/2 connection from %s failed", self._peer)
+                    self._protocol_error(exc)
+            await self.flush(wait=False)
+            if self._stop_reading_now:
+                return
+
+    def _protocol_error(self, exc: Exception) -> None:
+        """The peer broke HTTP/2: GOAWAY (h2 may have queued it already) and give up."""
+        logger.info("HTTP/2 protocol error from %s, sending GOAWAY: %s", self._peer, exc)
+        h2 = self.h2
+        if h2.state_machine.state is not ConnectionState.CLOSED:
+            try:
+                h2.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
+            except Exception:
+                frame = GoAwayFrame(0)
+                frame.last_stream_id = h2.highest_inbound_stream_id
+                frame.error_code = ErrorCodes.PROTOCOL_ERROR
+                self._extra += frame.serialize()
+        for request in list(self.requests.values()):
+            request.on_gone()
+        self._stop_reading()
+
+    def _handle(self, events: list[Event]) -> None:
+        requests = self.requests
+        for event in events:
+            if isinstance(event, DataReceived):
+                sid = event.stream_id
+                request = requests.get(sid)
+                if request is not None and not request.gone:
+                    request.on_data(event.data, event.flow_controlled_length)
+                elif event.flow_controlled_length:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
+            elif isinstance(event, RequestReceived):
+                self._on_request(event)
+            elif isinstance(event, StreamEnded):
+                request = requests.get(event.stream_id)
+                if request is not None:
+                    request.on_end()
+            elif isinstance(event, WindowUpdated):
+                if event.stream_id == 0:
+                    for request in list(self.blocked):
+                        request.wake_writer()
+                else:
+                    request = requests.get(event.stream_id)
+                    if request is not None:
+                        request.wake_writer()
+            elif isinstance(event, StreamReset):
+                request = requests.get(event.stream_id)
+                if request is not None:
+                    request.on_gone()
+            elif isinstance(event, RemoteSettingsChanged):
+                for request in list(self.blocked):
+                    request.wake_writer()  # the initial window may have grown
+            elif isinstance(event, ConnectionTerminated):
+                # h2 sends nothing after a GOAWAY in either direction, so the
+                # requests still running can no longer be answered.
+                self._mark_dead("the peer sent GOAWAY")
+                return
+
+    def _on_request(self, event: RequestReceived) -> None:
+        sid = event.stream_id
+        assert sid is not None
+        assert event.headers is not None
+        h2 = self.h2
+        if (self._goaway_last is not None and sid > self._goaway_last) or (
+            self.open_streams >= self._max_streams
+        ):
+            h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        try:
+            scope = build_scope(event.headers, self._info)
+        except BadRequest as exc:
+            logger.debug("bad request from %s on stream %d: %s", self._peer, sid, exc.reason)
+            simple_response(self, sid, exc.status, exc.reason)
+            if event.stream_ended is None:
+                h2.reset_stream(sid, ErrorCodes.NO_ERROR)  # we will not read the body
+            return
+        request = Request(self, sid, scope)
+        self.requests[sid] = request
+        self.open_streams += 1
+        assert self._task_group is not None
+        self._task_group.start_soon(self._run_request, request)
+
+    async def _run_request(self, request: Request) -> None:
+        try:
+            await self._app(request.scope, request.receive, request.send)
+        except Exception as exc:
+            request.app_failed(exc)
+        else:
+            request.app_returned()
+        finally:
+            request.finish()
+            self.blocked.discard(request)
+            del self.requests[request.stream_id]
+            if self._draining and not self.requests:
+                self._stop_reading()
+        await self.flush()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _take(self) -> bytes:
+        data = self.h2.data_to_send()
+        if self._extra:
+            data, self._extra = data + self._extra, b""
+        return data
+
+    async def flush(self, wait: bool = True) -> None:
+        """Write everything h2 has queued.
+
+        If another task is writing, it will write our frames too; with `wait`
+        we return only once it has (backpressure for response bodies).
+        """
+        if self._writing:
+            if wait:
+                event = self._flushed
+                if event is None:
+                    event = self._flushed = anyio.Event()
+                await event.wait()
+            return
+        data = self._take()
+        if not data or self.dead:
+            return
+        self._writing = True
+        try:
+            with anyio.CancelScope(shield=True):
+                while data:
+                    await self._stream.send(data)
+                    data = self._take()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            self._mark_dead(f"sending failed: {exc}")
+        finally:
+            self._writing = False
+            event = self._flushed
+            if event is not None:
+                self._flushed = None
+                event.set()
