@@ -5,6 +5,7 @@ is the key pair its tunnels prove. See the README for the whole picture.
 """
 
 from ._address import Address
+from ._asgi import ClientDisconnected, LifespanFailed, OverlayServer, serve
 from ._exceptions import (
     AddressError,
     HandshakeTimeout,
@@ -26,6 +27,7 @@ from ._exceptions import (
     TunnelError,
     UnknownPeer,
 )
+from ._http import AddressResolver, OverlayTransport, Resolver
 from ._identity import Identity, PublicIdentity
 from ._node import (
     Node,
@@ -40,6 +42,8 @@ from ._version import __version__
 __all__ = [
     "Address",
     "AddressError",
+    "AddressResolver",
+    "ClientDisconnected",
     "HandshakeTimeout",
     "Identity",
     "IdentityCorrupt",
@@ -47,6 +51,7 @@ __all__ = [
     "IdentityExists",
     "IdentityInsecure",
     "IdentityNotFound",
+    "LifespanFailed",
     "LocalProtocolError",
     "Node",
     "NodeStatistics",
@@ -55,16 +60,20 @@ __all__ = [
     "OverlayAttribute",
     "OverlayError",
     "OverlayListener",
+    "OverlayServer",
     "OverlayStream",
+    "OverlayTransport",
     "PeerInfo",
     "PeerRestarted",
     "PortInUse",
     "PortUnreachable",
     "PublicIdentity",
     "RemoteProtocolError",
+    "Resolver",
     "StreamReset",
     "TunnelClosed",
     "TunnelError",
     "UnknownPeer",
     "__version__",
+    "serve",
 ]

@@ -155,7 +155,23 @@ class TunnelClosed(TunnelError, anyio.BrokenResourceError):
 
 
 class PeerRestarted(TunnelClosed):
-    """The peer restarted (same identity, new session); its old streams are gone."""
+    """The peer restarted (same identity, new session); its old streams are gone.
+
+    `delivered` counts the bytes we had sent on the stream that the peer's
+    previous life acknowledged: anything written after that offset was
+    never seen by anyone and is safe to send again.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        address: Address | None = None,
+        port: int | None = None,
+        delivered: int = 0,
+    ) -> None:
+        super().__init__(message, address=address, port=port)
+        self.delivered = delivered
 
 
 class StreamReset(TunnelError, anyio.BrokenResourceError):

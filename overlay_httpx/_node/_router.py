@@ -191,6 +191,7 @@ class Router:
                 f"{stream.peer_address} restarted; the stream to port {stream.port} was lost",
                 address=stream.peer_address,
                 port=stream.port,
+                delivered=event.delivered,
             )
         elif code in (ev.ERROR_TUNNEL_CLOSED, ev.ERROR_IDLE_TIMEOUT):
             return  # the TunnelClosed event that follows says who closed it and why

@@ -269,8 +269,10 @@ class Connection:
     def close(self, error_code: int, reason: str) -> None:
         """End every stream (`StreamReset` with `error_code`) and forget what is in flight."""
         self._closed = True
-        for stream_id in list(self._streams):
-            self._owner.emit(StreamReset(self._peer, stream_id, error_code, reason))
+        for stream_id, stream in list(self._streams.items()):
+            self._owner.emit(
+                StreamReset(self._peer, stream_id, error_code, reason, stream.send.delivered)
+            )
         self._streams.clear()
         self._send_queue.clear()
         self._recovery.discard_all()

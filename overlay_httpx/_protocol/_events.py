@@ -94,6 +94,9 @@ class StreamReset:
     stream_id: int
     error_code: int
     reason: str = ""
+    delivered: int = 0
+    """Bytes of our sending side the peer acknowledged in order before the end: a
+    layer above can tell which of its messages the peer can never have seen."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,6 +226,11 @@ class SendBuffer:
         return self._fin_acked and self._base == self._written and not self._reset
 
     @property
+    def delivered(self) -> int:
+        """Bytes from offset 0 that the peer acknowledged, all of them."""
+        return self._base
+
+    @property
     def delivering(self) -> bool:
         """Written bytes or a FIN not yet acknowledged (and not abandoned by a reset)."""
         return not self._reset and (self.buffered > 0 or (self._fin and not self._fin_acked))

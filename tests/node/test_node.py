@@ -370,3 +370,16 @@ async def test_cancelled_receive_and_send_leave_the_stream_usable() -> None:
         assert received.endswith(b"tail")
         assert big.startswith(received[: -len(b"tail")])
         assert len(received) > len(b"tail")
+
+
+async def test_sending_to_a_peer_that_closed_its_stream_is_a_clear_error() -> None:
+    async with node_pair() as (a, b):
+        listener = await b.listen(7)
+        stream = await a.connect(b.address, 7)
+        await stream.send(b"x")
+        await stream.aclose()  # FIN and STOP_SENDING leave together
+        incoming = await listener.accept()
+        assert await receive_all(incoming) == b"x"
+        with pytest.raises(anyio.BrokenResourceError, match="stopped reading"):
+            await incoming.send(b"nobody reads this")
+        await incoming.aclose()

@@ -1,0 +1,391 @@
+"""A small HTTP/2 client connection (prior knowledge) over one overlay stream.
+
+One connection per (peer, port) multiplexes every concurrent request to it.
+There is no background task: whichever request task needs input reads the
+overlay stream and hands each h2 event to the request it belongs to, so the
+connection works under any caller and leaves nothing running when idle.
+Unlike httpcore, a response that is closed or abandoned before its end
+resets its HTTP/2 stream (RST_STREAM CANCEL), so the server stops producing
+it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Final
+
+import anyio
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from .._address import Address
+from .._exceptions import PeerRestarted
+from .._node import OverlayAttribute, OverlayStream
+from ._errors import ServerResetStream
+
+__all__ = ["ConnectionLost", "H2ClientConnection", "Refused", "ResponseHead"]
+
+logger = logging.getLogger("overlay_httpx")
+
+_RECEIVE_SIZE: Final = 256 << 10
+_STREAM_WINDOW: Final = 4 << 20  # per response: what the server may send before we read
+_CONNECTION_WINDOW: Final = 16 << 20
+_MAX_FRAME: Final = 256 << 10
+_SEND_BATCH: Final = 256 << 10  # request body bytes framed before one write to the stream
+_HOP_BY_HOP: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
+)
+
+
+class ConnectionLost(Exception):
+    """The connection ended (GOAWAY, h2 error, or the overlay stream broke)."""
+
+
+class Refused(Exception):
+    """The server did not begin this request (GOAWAY past it, or REFUSED_STREAM): retryable."""
+
+
+class ResponseHead:
+    """Status and headers of a response, as they arrived."""
+
+    __slots__ = ("headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+
+
+class _Exchange:
+    """One request/response on one HTTP/2 stream."""
+
+    __slots__ = ("chunks", "ended", "error", "head", "offset", "stream_id")
+
+    def __init__(self, stream_id: int, offset: int) -> None:
+        self.stream_id = stream_id
+        self.offset = offset  # overlay stream offset before any of this request's bytes
+        self.head: ResponseHead | None = None
+        self.chunks: deque[tuple[bytes, int]] = deque()
+        self.ended = False
+        self.error: Exception | None = None
+
+
+class H2ClientConnection:
+    """HTTP/2 client side of one overlay stream."""
+
+    def __init__(self, stream: OverlayStream, *, authority: str) -> None:
+        self._stream = stream
+        self.authority = authority
+        self.peer: Address = stream.extra(OverlayAttribute.peer_address)
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 << 10,
+            },
+        )
+        self._h2.initiate_connection()
+        # h2 applies our MAX_FRAME_SIZE only when the server acknowledges it, and
+        # checks every frame of a received chunk against the size in force when
+        # the chunk arrived, so a big DATA frame right behind that ACK would be
+        # refused. Accepting big frames before the ACK is harmless.
+        self._h2.max_inbound_frame_size = _MAX_FRAME
+        self._h2.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+        self._exchanges: dict[int, _Exchange] = {}
+        self._write_lock = anyio.Lock()
+        self._reading = False
+        self._progress = anyio.Event()
+        self._failure: Exception | None = None
+        self._goaway_last: int | None = None
+        self._closed = False
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        """New requests may start here (not closed, not going away, not failed)."""
+        return not self._closed and self._failure is None and self._goaway_last is None
+
+    @property
+    def idle(self) -> bool:
+        return not self._exchanges
+
+    @property
+    def overlay_stream(self) -> OverlayStream:
+        return self._stream
+
+    def _slot_free(self) -> bool:
+        limit = self._h2.remote_settings.max_concurrent_streams
+        return self._h2.open_outbound_streams < limit
+
+    # -- IO ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Send the connection preface and our SETTINGS (no round trip is awaited)."""
+        await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._write_lock:
+            data = self._h2.data_to_send()
+            if data:
+                # A cancelled partial write would cut an h2 frame in two and
+                # corrupt the connection for every request on it.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._stream.send(data)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                        self._fail(exc)  # waiting exchanges see it
+
+    async def _wait(self, done: Callable[[], bool]) -> None:
+        """Read and dispatch input until `done()`; one waiting task reads for all."""
+        while not done():
+            if self._failure is not None:
+                raise self._failure
+            if self._reading:
+                await self._progress.wait()
+                continue
+            self._reading = True
+            try:
+                data = await self._stream.receive(_RECEIVE_SIZE)
+            except anyio.EndOfStream:
+                self._fail(ConnectionLost(f"{self.peer} closed the HTTP/2 connection"))
+                data = b""
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                self._fail(exc)
+                data = b""
+            finally:
+                self._reading = False
+            if data:
+                self._feed(data)
+            progress, self._progress = self._progress, anyio.Event()
+            progress.set()
+            if data:
+                await self._flush()  # acknowledgements, window updates, PING answers
+
+    def _fail(self, error: Exception) -> None:
+        """The connection is gone; each open exchange fails, or is marked retryable when
+        the peer restarted before any of its bytes could have reached it."""
+        if self._failure is None:
+            self._failure = error
+        delivered = error.delivered if isinstance(error, PeerRestarted) else None
+        for exchange in self._exchanges.values():
+            if exchange.error is None and not exchange.ended:
+                if delivered is not None and exchange.offset >= delivered:
+                    exchange.error = Refused(
+                        f"{self.peer} restarted before it saw the request; request not begun"
+                    )
+                else:
+                    exchange.error = error
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            logger.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
+            self._fail(exc)
+            return
+        exchanges = self._exchanges
+        for event in events:
+            sid = getattr(event, "stream_id", None)
+            exchange = exchanges.get(sid) if sid is not None else None
+            if isinstance(event, h2.events.DataReceived):
+                if exchange is not None:
+                    exchange.chunks.append((event.data, event.flow_controlled_length))
+                elif event.flow_controlled_length:
+                    self._h2.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+            elif isinstance(event, h2.events.ResponseReceived):
+                if exchange is not None:
+                    exchange.head = _head(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                if exchange is not None:
+                    exchange.ended = True
+            elif isinstance(event, h2.events.StreamReset):
+                if exchange is not None and not exchange.ended:
+                    exchange.error = _reset_error(event, self.peer)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self._on_goaway(event)
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        last = event.last_stream_id if event.last_stream_id is not None else 0
+        self._goaway_last = last
+        if not event.error_code:
+            # A graceful GOAWAY: responses up to `last` still come. h2 would refuse
+            # every frame after a GOAWAY, so keep its state machine open; `usable`
+            # (now False) stops new requests on this connection.
+            self._h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        code = _code_name(event.error_code or 0)
+        logger.debug("GOAWAY from %s: last stream %d, %s", self.peer, last, code)
+        for sid, exchange in self._exchanges.items():
+            if sid > last and exchange.error is None:
+                exchange.error = Refused(f"{self.peer} is going away ({code}); request not begun")
+            elif event.error_code and exchange.error is None and not exchange.ended:
+                exchange.error = ConnectionLost(f"{self.peer} ended the connection: {code}")
+
+    # -- requests -------------------------------------------------------------------
+
+    async def open(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        has_body: bool,
+    ) -> int:
+        """Wait for a stream slot, send the request head; returns the stream id."""
+        await self._wait(lambda: self._slot_free() or not self.usable)
+        if not self.usable:
+            raise Refused(f"connection to {self.peer} is closing; request not begun")
+        sid = self._h2.get_next_available_stream_id()
+        head = [
+            (b":method", method),
+            (b":scheme", b"http"),
+            (b":authority", self.authority.encode()),
+            (b":path", target),
+        ]
+        for name, value in headers:
+            name = name.lower()
+            if name in _HOP_BY_HOP or (name == b"te" and value.lower() != b"trailers"):
+                continue
+            head.append((name, value))
+        self._exchanges[sid] = _Exchange(sid, self._stream.bytes_sent)
+        self._h2.send_headers(sid, head, end_stream=not has_body)
+        if not has_body:
+            await self._flush()  # else the head leaves with the first body bytes
+        return sid
+
+    async def send_body(
+        self, sid: int, chunks: AsyncIterator[bytes], write_timeout: float | None = None
+    ) -> None:
+        """Send a request body within HTTP/2 flow control, then end the stream.
+
+        `write_timeout` bounds each wait for the peer to take more (a write timeout).
+        """
+        exchange = self._exchanges[sid]
+        unflushed = 0
+        async for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                if exchange.error is not None or exchange.ended:
+                    await self._flush()
+                    return  # the server answered or reset early; stop uploading
+                window = self._h2.local_flow_control_window(sid)
+                if window <= 0:
+                    with anyio.fail_after(write_timeout):
+                        await self._flush()
+                        unflushed = 0
+                        await self._wait(
+                            lambda: (
+                                self._h2.local_flow_control_window(sid) > 0
+                                or exchange.error is not None
+                                or exchange.ended
+                            )
+                        )
+                    continue
+                n = min(len(view), self._h2.max_outbound_frame_size, window)
+                self._h2.send_data(sid, bytes(view[:n]))
+                view = view[n:]
+                unflushed += n
+                if unflushed >= _SEND_BATCH:
+                    with anyio.fail_after(write_timeout):
+                        await self._flush()
+                    unflushed = 0
+        if exchange.error is None and not exchange.ended:
+            self._h2.end_stream(sid)  # with a small body: head, data and end in one datagram
+        with anyio.fail_after(write_timeout):
+            await self._flush()
+
+    async def receive_head(self, sid: int) -> ResponseHead:
+        exchange = self._exchanges[sid]
+        await self._wait(lambda: exchange.head is not None or exchange.error is not None)
+        if exchange.head is None:
+            assert exchange.error is not None
+            raise exchange.error
+        return exchange.head
+
+    async def receive_data(self, sid: int) -> bytes | None:
+        """The next piece of the response body, or None at its end."""
+        exchange = self._exchanges[sid]
+        await self._wait(
+            lambda: bool(exchange.chunks) or exchange.ended or exchange.error is not None
+        )
+        if exchange.chunks:
+            parts = []
+            acked = 0
+            while exchange.chunks:
+                data, flow = exchange.chunks.popleft()
+                parts.append(data)
+                acked += flow
+            if acked:
+                self._h2.acknowledge_received_data(acked, sid)
+                await self._flush()
+            return b"".join(parts)
+        if exchange.error is not None:
+            raise exchange.error
+        return None
+
+    async def finish(self, sid: int) -> None:
+        """Forget the exchange; if the response did not end, reset its stream (CANCEL)."""
+        exchange = self._exchanges.pop(sid, None)
+        if exchange is None:
+            return
+        if exchange.ended or exchange.error is not None or self._failure is not None:
+            return
+        try:
+            self._h2.reset_stream(sid, ErrorCodes.CANCEL)
+        except h2.exceptions.ProtocolError:
+            return  # already closed on the h2 level
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            await self._flush()
+
+    async def aclose(self) -> None:
+        """Say GOAWAY and close the overlay stream."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            if self._failure is None:
+                try:
+                    self._h2.close_connection()
+                    await self._flush()
+                except (h2.exceptions.ProtocolError, anyio.BrokenResourceError):
+                    pass
+            await self._stream.aclose()
+        self._fail(ConnectionLost(f"connection to {self.peer} closed"))
+
+
+def _head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
+    status = 0
+    out = []
+    for name, value in headers:
+        if name == b":status":
+            status = int(value)
+        elif not name.startswith(b":"):
+            out.append((name, value))
+    return ResponseHead(status, out)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"error {code:#x}"
+
+
+def _reset_error(event: h2.events.StreamReset, peer: Address) -> Exception:
+    name = _code_name(event.error_code)
+    if event.error_code == ErrorCodes.REFUSED_STREAM:
+        return Refused(f"{peer} refused stream {event.stream_id}; request not begun")
+    return ServerResetStream(
+        f"{peer} reset HTTP/2 stream {event.stream_id} ({name})", event.error_code
+    )

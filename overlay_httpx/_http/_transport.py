@@ -1,0 +1,315 @@
+"""`OverlayTransport`: httpx requests to ``http://<host>.overlay/`` over overlay tunnels.
+
+::
+
+    async with httpx.AsyncClient(transport=OverlayTransport(node)) as client:
+        r = await client.get("http://1-0001-0001-0001.overlay/health")
+
+The URL's port is the overlay port (default 80). Every (peer, port) gets one
+HTTP/2 connection over one overlay stream, shared by all concurrent
+requests. Hosts are turned into addresses by a `Resolver`; the default one
+reads the address form (``1-0001-0001-0001.overlay``), and the rendezvous
+adds names and tags behind the same seam.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+import httpx
+
+from .._address import Address
+from .._exceptions import LocalProtocolError
+from .._identity import Identity
+from .._node import Node, OverlayAttribute
+from ._client import H2ClientConnection, Refused
+from ._errors import Phase, map_errors
+
+__all__ = ["AddressResolver", "OverlayTransport", "Resolver", "default_identity_path"]
+
+IDENTITY_ENV = "OVERLAY_HTTPX_IDENTITY"
+BIND_ENV = "OVERLAY_HTTPX_BIND"
+
+
+class Resolver(Protocol):
+    """Turns a URL host into the overlay addresses that may serve it, best first."""
+
+    async def resolve(self, host: str) -> Sequence[Address]: ...
+
+
+class AddressResolver:
+    """Hosts of the address form ``1-0001-0001-0001.overlay`` (what `Address.host` gives)."""
+
+    async def resolve(self, host: str) -> Sequence[Address]:
+        return [Address.from_host(host)]
+
+
+def default_identity_path() -> Path:
+    """``$OVERLAY_HTTPX_IDENTITY``, else ``$XDG_CONFIG_HOME/overlay_httpx/identity``."""
+    explicit = os.environ.get(IDENTITY_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "overlay_httpx" / "identity"
+
+
+def _timeout(request: httpx.Request, phase: Phase) -> float | None:
+    timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+    return timeouts.get(phase)
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body read from its HTTP/2 stream as the caller iterates."""
+
+    def __init__(
+        self,
+        transport: OverlayTransport,
+        conn: H2ClientConnection,
+        sid: int,
+        request: httpx.Request,
+    ) -> None:
+        self._conn = conn
+        self._sid = sid
+        self._request = request
+        self._what = f"{conn.peer} {conn.authority}"
+        self._transport = transport
+        self._read_timeout = _timeout(request, "read")
+        self._closed = False
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        # A class, not an async generator: a caller that stops early leaves
+        # nothing behind for the garbage collector to finalise.
+        with map_errors("read", self._request, self._what), anyio.fail_after(self._read_timeout):
+            data = await self._conn.receive_data(self._sid)
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._conn.finish(self._sid)
+            self._transport._release(self._conn)
+
+
+class OverlayTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that routes ``.overlay`` URLs through a `Node`.
+
+    With ``node=None`` the transport makes and owns a node when entered
+    (``async with httpx.AsyncClient(transport=...)``): its identity comes
+    from ``$OVERLAY_HTTPX_IDENTITY`` or a per-user path (created on first use,
+    mode 0600), its socket binds ``$OVERLAY_HTTPX_BIND`` or ``0.0.0.0:0``.
+    `aclose` closes what the transport owns and nothing it does not.
+    Requests to other hosts go to `fallback` if given, else fail with
+    `httpx.ConnectError`.
+    """
+
+    def __init__(
+        self,
+        node: Node | None = None,
+        *,
+        resolver: Resolver | None = None,
+        fallback: httpx.AsyncBaseTransport | None = None,
+        identity: Identity | str | os.PathLike[str] | None = None,
+        retries: int = 1,
+    ) -> None:
+        if node is not None and not isinstance(node, Node):
+            raise LocalProtocolError(f"node: expected an overlay_httpx.Node, got {node!r}")
+        self._node = node
+        self._owned: Node | None = None
+        self._identity = identity
+        self._resolver: Resolver = resolver or AddressResolver()
+        self._fallback = fallback
+        self._retries = retries
+        self._connections: dict[tuple[Address, int], H2ClientConnection] = {}
+        self._connecting: dict[tuple[Address, int], anyio.Lock] = {}
+
+    @property
+    def node(self) -> Node:
+        node = self._node or self._owned
+        if node is None:
+            raise LocalProtocolError(
+                "OverlayTransport() without a node starts one when entered: use "
+                "'async with httpx.AsyncClient(transport=OverlayTransport()) as client'"
+            )
+        return node
+
+    async def __aenter__(self) -> OverlayTransport:
+        if self._node is None and self._owned is None:
+            identity = self._identity
+            if not isinstance(identity, Identity):
+                identity = Identity.load_or_create(identity or default_identity_path())
+            node = Node(identity, bind=os.environ.get(BIND_ENV, "0.0.0.0:0"))
+            await node.__aenter__()
+            self._owned = node
+        if self._fallback is not None:
+            await self._fallback.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        connections = list(self._connections.values())
+        self._connections.clear()
+        for conn in connections:
+            await conn.aclose()
+        if self._fallback is not None:
+            await self._fallback.aclose()
+        if self._owned is not None:
+            owned, self._owned = self._owned, None
+            await owned.aclose()
+
+    # -- requests ------------------------------------------------------------------
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if not host.endswith(".overlay"):
+            if self._fallback is not None:
+                return await self._fallback.handle_async_request(request)
+            raise httpx.ConnectError(
+                f"{host!r} is not an overlay host: expected e.g. 1-0001-0001-0001.overlay "
+                "(or give OverlayTransport a fallback transport)",
+                request=request,
+            )
+        if request.url.scheme != "http":
+            raise httpx.UnsupportedProtocol(
+                f"overlay URLs use http:// (the tunnel already encrypts), got {request.url.scheme}://",
+                request=request,
+            )
+        port = request.url.port or 80
+        with map_errors("connect", request, host):
+            addresses = await self._resolver.resolve(host)
+        if not addresses:
+            raise httpx.ConnectError(f"no overlay node serves {host}", request=request)
+        replayable = isinstance(request.stream, httpx.ByteStream)
+        attempts = 1 + (self._retries if replayable else 0)
+        for attempt in range(attempts):
+            address = addresses[attempt % len(addresses)]
+            conn = await self._connection(request, address, port)
+            try:
+                return await self._exchange(request, conn)
+            except Refused as exc:
+                self._drop(conn)
+                if attempt + 1 >= attempts:
+                    raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connection(
+        self, request: httpx.Request, address: Address, port: int
+    ) -> H2ClientConnection:
+        key = (address, port)
+        conn = self._connections.get(key)
+        if conn is not None and conn.usable:
+            return conn
+        lock = self._connecting.setdefault(key, anyio.Lock())
+        what = f"{address} port {port}"
+        with map_errors("pool", request, what), anyio.fail_after(_timeout(request, "pool")):
+            await lock.acquire()
+        try:
+            conn = self._connections.get(key)
+            if conn is not None and conn.usable:
+                return conn
+            node = self.node
+            with (
+                map_errors("connect", request, what),
+                anyio.fail_after(_timeout(request, "connect")),
+            ):
+                stream = await node.connect(address, port)
+                conn = H2ClientConnection(stream, authority=request.url.netloc.decode("ascii"))
+                await conn.start()
+            old = self._connections.get(key)
+            self._connections[key] = conn
+            if old is not None and old.idle:
+                await old.aclose()
+            return conn
+        finally:
+            lock.release()
+
+    def _drop(self, conn: H2ClientConnection) -> None:
+        key = (conn.peer, conn.overlay_stream.port)
+        if self._connections.get(key) is conn:
+            del self._connections[key]
+
+    def _release(self, conn: H2ClientConnection) -> None:
+        """A response finished; a connection that is going away closes once idle."""
+        if not conn.usable and conn.idle:
+            self._drop(conn)
+
+    async def _exchange(self, request: httpx.Request, conn: H2ClientConnection) -> httpx.Response:
+        what = f"{conn.peer} port {conn.overlay_stream.port}"
+        target = request.url.raw_path
+        has_body = not (
+            isinstance(request.stream, httpx.ByteStream)
+            and request.headers.get("content-length") in (None, "0")
+        )
+        headers = [(k.lower(), v) for k, v in request.headers.raw]
+        with map_errors("pool", request, what), anyio.fail_after(_timeout(request, "pool")):
+            sid = await conn.open(request.method.encode(), target, headers, has_body=has_body)
+        try:
+            if has_body:
+                with map_errors("write", request, what):
+                    async with aclosing(_chunks(request)) as chunks:
+                        await conn.send_body(sid, chunks, _timeout(request, "write"))
+            with map_errors("read", request, what), anyio.fail_after(_timeout(request, "read")):
+                head = await conn.receive_head(sid)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.finish(sid)
+            raise
+        stream = conn.overlay_stream
+        extensions: dict[str, Any] = {
+            "http_version": b"HTTP/2",
+            "stream_id": sid,
+            "overlay": {
+                "peer_address": conn.peer,
+                "peer_identity": stream.extra(OverlayAttribute.peer_identity),
+                "fingerprint": stream.extra(OverlayAttribute.peer_identity).fingerprint,
+                "path": stream.extra(OverlayAttribute.path),
+                "rtt": stream.extra(OverlayAttribute.rtt),
+            },
+        }
+        return httpx.Response(
+            head.status,
+            headers=head.headers,
+            stream=_Body(self, conn, sid, request),
+            extensions=extensions,
+        )
+
+
+async def _chunks(request: httpx.Request) -> AsyncGenerator[bytes, None]:
+    """The request body as an async iterator of non-empty chunks.
+
+    httpx's bodies iterate through async generators; each is closed here
+    explicitly, so abandoning an upload (a write timeout, a server that
+    answered early) leaves no generator for the garbage collector to finish.
+    """
+    body = request.stream
+    if isinstance(body, httpx.ByteStream):
+        for chunk in body:  # the synchronous side of a bytes body: no generator to close
+            yield chunk
+        return
+    assert isinstance(body, httpx.AsyncByteStream), "OverlayTransport needs an async body"
+    iterator = body.__aiter__()
+    try:
+        async for chunk in iterator:
+            if chunk:
+                yield chunk
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            await close()
