@@ -38,6 +38,7 @@ from h2.events import (
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
+from .. import _h2compat  # noqa: F401  (cheap DATA frame reprs; see the module)
 from .._node import OverlayAttribute, OverlayStream
 from ._request import Request, simple_response
 from ._scope import BadRequest, ConnectionInfo, build_scope

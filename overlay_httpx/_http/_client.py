@@ -24,6 +24,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from .. import _h2compat  # noqa: F401  (cheap DATA frame reprs; see the module)
 from .._address import Address
 from .._exceptions import PeerRestarted
 from .._node import OverlayAttribute, OverlayStream
