@@ -98,7 +98,7 @@ class _Body(httpx.AsyncByteStream):
         if not self._closed:
             self._closed = True
             await self._conn.finish(self._sid)
-            self._transport._release(self._conn)
+            await self._transport._release(self._conn)
 
 
 class OverlayTransport(httpx.AsyncBaseTransport):
@@ -204,7 +204,7 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             try:
                 return await self._exchange(request, conn)
             except Refused as exc:
-                self._drop(conn)
+                await self._retire(conn)
                 if attempt + 1 >= attempts:
                     raise httpx.RemoteProtocolError(str(exc), request=request) from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -240,15 +240,19 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         finally:
             lock.release()
 
-    def _drop(self, conn: H2ClientConnection) -> None:
+    async def _retire(self, conn: H2ClientConnection) -> None:
+        """Take a connection that can start no more requests out of the pool, and close
+        it once its last response is done (`_release` closes it then otherwise)."""
         key = (conn.peer, conn.overlay_stream.port)
         if self._connections.get(key) is conn:
             del self._connections[key]
+        if conn.idle:
+            await conn.aclose()
 
-    def _release(self, conn: H2ClientConnection) -> None:
+    async def _release(self, conn: H2ClientConnection) -> None:
         """A response finished; a connection that is going away closes once idle."""
-        if not conn.usable and conn.idle:
-            self._drop(conn)
+        if not conn.usable:
+            await self._retire(conn)
 
     async def _exchange(self, request: httpx.Request, conn: H2ClientConnection) -> httpx.Response:
         what = f"{conn.peer} port {conn.overlay_stream.port}"
@@ -270,6 +274,7 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await conn.finish(sid)
+                await self._release(conn)
             raise
         stream = conn.overlay_stream
         extensions: dict[str, Any] = {
