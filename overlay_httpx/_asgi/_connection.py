@@ -146,7 +146,8 @@ class Connection:
                 self._task_group = task_group
                 h2.initiate_connection()
                 h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
-                await self.flush(wait=False)
+                # Our SETTINGS leave with the answer to the client's preface (the
+                # client always speaks first), one datagram instead of two.
                 with anyio.CancelScope() as scope:
                     self._read_scope = scope
                     if not self._stop_reading_now:

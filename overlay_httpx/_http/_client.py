@@ -102,7 +102,8 @@ class H2ClientConnection:
         self._h2.max_inbound_frame_size = _MAX_FRAME
         self._h2.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self._exchanges: dict[int, _Exchange] = {}
-        self._write_lock = anyio.Lock()
+        self._outgoing = bytearray()
+        self._sending = False
         self._reading = False
         self._progress = anyio.Event()
         self._failure: Exception | None = None
@@ -131,13 +132,25 @@ class H2ClientConnection:
     # -- IO ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Send the connection preface and our SETTINGS (no round trip is awaited)."""
-        await self._flush()
+        """Prepare the connection; the preface and our SETTINGS leave with the first request,
+        in the same datagram."""
+        await anyio.lowlevel.checkpoint()
 
     async def _flush(self) -> None:
-        async with self._write_lock:
-            data = self._h2.data_to_send()
-            if data:
+        """Send what h2 has queued, in order, from whichever task is already sending.
+
+        No lock: a lock's acquire is a checkpoint, an extra event-loop pass on
+        every request. Output is taken from h2 synchronously and appended to one
+        buffer; the task that finds nobody sending sends until it is empty.
+        """
+        self._outgoing += self._h2.data_to_send()
+        if self._sending or not self._outgoing:
+            return
+        self._sending = True
+        try:
+            while self._outgoing:
+                data = bytes(self._outgoing)
+                self._outgoing.clear()
                 # A cancelled partial write would cut an h2 frame in two and
                 # corrupt the connection for every request on it.
                 with anyio.CancelScope(shield=True):
@@ -145,6 +158,9 @@ class H2ClientConnection:
                         await self._stream.send(data)
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                         self._fail(exc)  # waiting exchanges see it
+                        self._outgoing.clear()
+        finally:
+            self._sending = False
 
     async def _wait(self, done: Callable[[], bool]) -> None:
         """Read and dispatch input until `done()`; one waiting task reads for all."""
@@ -153,6 +169,12 @@ class H2ClientConnection:
                 raise self._failure
             if self._reading:
                 await self._progress.wait()
+                continue
+            # Before blocking on input, let out what earlier input asked for
+            # (SETTINGS ACK, WINDOW_UPDATE, PING answers). Doing it here rather
+            # than right after each read keeps it off a response's critical path.
+            await self._flush()
+            if self._reading or done():
                 continue
             self._reading = True
             try:
@@ -169,8 +191,6 @@ class H2ClientConnection:
                 self._feed(data)
             progress, self._progress = self._progress, anyio.Event()
             progress.set()
-            if data:
-                await self._flush()  # acknowledgements, window updates, PING answers
 
     def _fail(self, error: Exception) -> None:
         """The connection is gone; each open exchange fails, or is marked retryable when
