@@ -401,12 +401,15 @@ class Connection:
         self._maybe_forget(stream)
 
     def _on_stop_sending(self, frame: StopSending) -> None:
-        stream = self._streams.get(frame.stream_id)
+        # It may come before the STREAM frame that opens the stream (same packet,
+        # control frames first), so it opens peer streams like any stream frame.
+        stream = self._frame_stream(frame.stream_id)
         if stream is None or stream.send_closed:
             return
         stream.reset_send(frame.error_code)
         self._queue(stream)
-        self._owner.emit(StreamStopSending(self._peer, stream.stream_id, frame.error_code))
+        if stream.local or stream.announced:
+            self._owner.emit(StreamStopSending(self._peer, stream.stream_id, frame.error_code))
 
     # -- acknowledgements and loss ----------------------------------------------------
 

@@ -405,3 +405,18 @@ def test_restarted_initiator_is_reported_by_the_responder() -> None:
     assert len(completed) == 2
     assert completed[-1].peer_restarted
     assert not completed[-1].rekey
+
+
+def test_stop_sending_in_the_opening_packet_is_honoured() -> None:
+    net, a, b = make_pair(echo=False)
+    tunnel = a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
+    assert net.run(until=lambda: established(a) and established(b), timeout=10)
+    sid = tunnel.open_stream(80, net.now)
+    tunnel.send_stream(sid, b"fire and forget", end_stream=True)
+    tunnel.stop_sending(sid, 0x9)  # leaves in the same packet as the opening STREAM frame
+    b_tunnel = b.endpoint.tunnel(a.endpoint.public)
+    assert b_tunnel is not None
+    # B reads the request, answers the STOP_SENDING with a reset, and both
+    # sides forget the stream: nothing is left half-open.
+    assert net.run(until=lambda: not b_tunnel.stream_ids() and not tunnel.stream_ids(), timeout=30)
+    assert bytes(b.state(b_tunnel, sid).received) == b"fire and forget"
