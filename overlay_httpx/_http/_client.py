@@ -125,6 +125,10 @@ class H2ClientConnection:
     def overlay_stream(self) -> OverlayStream:
         return self._stream
 
+    def can_open(self) -> bool:
+        """A request can start here without waiting for a stream slot."""
+        return self.usable and self._slot_free()
+
     def _slot_free(self) -> bool:
         limit = self._h2.remote_settings.max_concurrent_streams
         return self._h2.open_outbound_streams < limit
@@ -264,7 +268,8 @@ class H2ClientConnection:
         has_body: bool,
     ) -> int:
         """Wait for a stream slot, send the request head; returns the stream id."""
-        await self._wait(lambda: self._slot_free() or not self.usable)
+        if not (self.usable and self._slot_free()):
+            await self._wait(lambda: self._slot_free() or not self.usable)
         if not self.usable:
             raise Refused(f"connection to {self.peer} is closing; request not begun")
         sid = self._h2.get_next_available_stream_id()
@@ -318,13 +323,11 @@ class H2ClientConnection:
                 view = view[n:]
                 unflushed += n
                 if unflushed >= _SEND_BATCH:
-                    with anyio.fail_after(write_timeout):
-                        await self._flush()
+                    await self._flush()  # shielded: a frame is never cut (see _flush)
                     unflushed = 0
         if exchange.error is None and not exchange.ended:
             self._h2.end_stream(sid)  # with a small body: head, data and end in one datagram
-        with anyio.fail_after(write_timeout):
-            await self._flush()
+        await self._flush()
 
     async def receive_head(self, sid: int) -> ResponseHead:
         exchange = self._exchanges[sid]

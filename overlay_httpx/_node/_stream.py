@@ -271,7 +271,7 @@ class OverlayStream(ByteStream):
             OverlayAttribute.peer_identity: lambda: self._peer_identity,
             OverlayAttribute.path: lambda: self._node._path_to(tunnel),
             OverlayAttribute.peer_endpoint: lambda: tunnel.remote_addr,
-            OverlayAttribute.rtt: lambda: tunnel.statistics().smoothed_rtt,
+            OverlayAttribute.rtt: lambda: tunnel.smoothed_rtt,
         }
 
     def __repr__(self) -> str:

@@ -162,6 +162,11 @@ class Tunnel:
         return self.state == TunnelState.ESTABLISHED and self._conn.delivering
 
     @property
+    def smoothed_rtt(self) -> float:
+        """The smoothed RTT in seconds (the configured initial RTT before a sample)."""
+        return self._conn.rtt.smoothed_rtt
+
+    @property
     def wants_to_send(self) -> bool:
         """Frames wait for a packet (so the driver should call `datagrams_to_send`)."""
         return self._conn.wants_to_send
