@@ -11,9 +11,10 @@ outlive connections so that nonces stay unique.
 from __future__ import annotations
 
 from collections import deque
-from typing import Final, Protocol
+from typing import Protocol
 
 from .._exceptions import FrameError, LocalProtocolError
+from ._acks import AckState
 from ._config import TunnelConfig
 from ._congestion import CongestionController, Pacer, make_congestion_controller
 from ._connection_streams import StreamRef, StreamState, ref
@@ -45,12 +46,9 @@ from ._frames import (
 )
 from ._packet import TransportParameters
 from ._recovery import LossRecovery, RttEstimator, SentPacket
-from ._streams import FlowWindow, SendCredit, _RangeSet, is_local_stream
+from ._streams import FlowWindow, SendCredit, is_local_stream
 
 __all__ = ["Connection", "ConnectionOwner"]
-
-_MAX_ACK_RANGES: Final = 32
-_ACK_EVERY: Final = 2
 
 
 class ConnectionOwner(Protocol):
@@ -92,11 +90,7 @@ class Connection:
         self._peer_params_seen = False
         self._local_streams_opened = 0
         self._max_streams_sent = cfg.max_streams
-        self._received = _RangeSet()
-        self._largest_received = -1
-        self._largest_received_time = 0.0
-        self._ack_eliciting_unacked = 0
-        self._ack_deadline: float | None = None
+        self._acks = AckState(cfg.max_ack_delay)
         self._conn_credit = SendCredit(cfg.initial_max_data)
         self._conn_sent = 0
         self._conn_window = FlowWindow(cfg.initial_max_data, maximum=cfg.max_data_window)
@@ -106,7 +100,6 @@ class Connection:
         self._peer_stream_credit = cfg.initial_max_stream_data
         self.pto_streak = 0  # probe timeouts in a row without hearing from the peer
         self._probes = 0  # probe packets owed: they go out even with a full window
-        self._ack_only_sent = 0
         self.stats_bytes_sent = 0
         self.stats_bytes_received = 0
         self.stats_packets_sent = 0
@@ -287,18 +280,7 @@ class Connection:
 
     def record_received(self, pn: int, ack_eliciting: bool, now: float) -> None:
         """Remember packet `pn` for our ACKs, and schedule the next ACK."""
-        self._received.add(pn, pn + 1)
-        while len(self._received) > _MAX_ACK_RANGES:
-            self._received.pop_first()
-        if pn > self._largest_received:
-            self._largest_received = pn
-            self._largest_received_time = now
-        if ack_eliciting:
-            self._ack_eliciting_unacked += 1
-            if self._ack_eliciting_unacked >= _ACK_EVERY:
-                self._ack_deadline = now
-            elif self._ack_deadline is None:
-                self._ack_deadline = now + self._config.max_ack_delay
+        self._acks.on_packet(pn, ack_eliciting, now)
 
     def handle_frame(self, frame: Frame, now: float) -> None:
         """Act on a stream, flow-control or ACK frame (path and CLOSE frames are the tunnel's)."""
@@ -517,8 +499,8 @@ class Connection:
         loss = self._recovery.get_loss_detection_timer()
         if loss is not None:
             candidates.append(loss)
-        if self._ack_deadline is not None:
-            candidates.append(self._ack_deadline)
+        if self._acks.deadline is not None:
+            candidates.append(self._acks.deadline)
         if self._send_queue or self._control:
             pace = self._pacer.next_send_time(last_sent, self._config.max_datagram_size)
             if pace is not None and self._congestion.can_send(self._config.max_datagram_size):
@@ -544,32 +526,25 @@ class Connection:
         self.stats_packets_sent += 1
         self.stats_bytes_sent += size
 
-    def _ack_frame(self, now: float) -> Ack | None:
-        if not len(self._received):
-            return None
-        ranges = tuple((lo, hi - 1) for lo, hi in reversed(self._received.ranges()))
-        delay = int(max(now - self._largest_received_time, 0.0) * 1e6)
-        return Ack(ranges=ranges, ack_delay=delay)
-
     def fill(self, budget: int, now: float) -> tuple[list[Frame], bool]:
         """Frames for one packet of at most `budget` bytes; (frames, ack_eliciting)."""
         frames: list[Frame] = []
         room = budget
-        if self._ack_deadline is not None and self._ack_deadline <= now:
-            ack = self._ack_frame(now)
+        acks = self._acks
+        if acks.due(now):
+            ack = acks.frame(now)
             if ack is not None:
                 frames.append(ack)
                 room -= encoded_size(ack)
-            self._ack_deadline = None
-            self._ack_eliciting_unacked = 0
+            acks.sent()
         size = self._config.max_datagram_size
         if self._probes:
             self._probes -= 1  # a probe goes out whatever the window says
         elif not self._congestion.can_send(size):
             self._congestion.set_app_limited(False)  # the window, not the application, stops us
-            return self._ack_only(frames)
+            return acks.finish_ack_only(frames)
         elif self._pacer.next_send_time(now, size) is not None:
-            return self._ack_only(frames)
+            return acks.finish_ack_only(frames)
         eliciting = False
         if self._max_data_update:
             self._max_data_update = False
@@ -603,28 +578,13 @@ class Connection:
             self._congestion.set_app_limited(True)
         if eliciting and frames and not isinstance(frames[0], Ack):
             # Piggyback any acknowledgement we owe.
-            ack = self._ack_frame(now) if self._ack_eliciting_unacked else None
+            ack = acks.frame(now) if acks.owed else None
             if ack is not None and encoded_size(ack) <= room:
                 frames.insert(0, ack)
-                self._ack_deadline = None
-                self._ack_eliciting_unacked = 0
+                acks.sent()
         if eliciting:
             return frames, True
-        return self._ack_only(frames)
-
-    def _ack_only(self, frames: list[Frame]) -> tuple[list[Frame], bool]:
-        """Finish a packet that holds no ack-eliciting frame (or nothing at all).
-
-        Every 16th such packet gets a PING, so the peer acknowledges our ACKs and
-        neither side keeps records of ACK-only packets forever.
-        """
-        if not frames:
-            return frames, False
-        self._ack_only_sent += 1
-        if self._ack_only_sent % 16 == 0:
-            frames.append(Ping())
-            return frames, True
-        return frames, False
+        return acks.finish_ack_only(frames)
 
     def _stream_frames(
         self, stream: StreamState, frames: list[Frame], room: int

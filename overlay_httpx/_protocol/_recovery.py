@@ -52,6 +52,11 @@ PERSISTENT_CONGESTION_THRESHOLD: Final = 3
 
 _MAX_PTO_BACKOFF_EXPONENT: Final = 30  # 2**30 PTOs is years: stop doubling long before overflow
 
+MAX_PTO_PERIOD: Final = 30.0
+"""Backoff stops doubling the probe timeout here (seconds): after a long outage
+the next probe still leaves well inside the 120 s idle timeout, so a path that
+comes back is found again rather than given up for silence."""
+
 
 @dataclass(slots=True)
 class SentPacket:
@@ -298,7 +303,8 @@ class LossRecovery:
         """The current probe timeout, exponential backoff included (RFC 9002 §6.2.1)."""
         rtt = self._rtt
         base = rtt.smoothed_rtt + max(4 * rtt.rttvar, GRANULARITY) + self.max_ack_delay
-        return base * (1 << min(self._pto_count, _MAX_PTO_BACKOFF_EXPONENT))
+        backed_off = base * (1 << min(self._pto_count, _MAX_PTO_BACKOFF_EXPONENT))
+        return min(backed_off, max(base, MAX_PTO_PERIOD))
 
     def get_loss_detection_timer(self) -> float | None:
         """When to call `on_loss_detection_timeout`: None means no timer.

@@ -314,6 +314,22 @@ def test_pto_backoff_does_not_overflow() -> None:
     assert rec.pto_interval() < float("inf")
 
 
+def test_pto_backoff_is_capped_so_a_returning_path_is_probed_in_time() -> None:
+    from overlay_httpx._protocol._recovery import MAX_PTO_PERIOD
+
+    rec, _ = _recovery()
+    _send(rec, 0, 0.0)
+    periods = []
+    for _ in range(20):
+        timer = rec.get_loss_detection_timer()
+        assert timer is not None
+        rec.on_loss_detection_timeout(timer)
+        periods.append(rec.pto_interval())
+    assert periods[3] > periods[2] > periods[1]  # it backs off...
+    assert max(periods) <= MAX_PTO_PERIOD  # ...but never past the cap
+    assert periods[-1] == pytest.approx(MAX_PTO_PERIOD)
+
+
 # -- persistent congestion ------------------------------------------------------
 
 
