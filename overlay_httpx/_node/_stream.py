@@ -9,7 +9,6 @@ only wait for the tunnel's events and translate its errors.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -18,7 +17,7 @@ import anyio
 from anyio.abc import ByteStream, Listener, TaskGroup
 
 from .._address import Address
-from .._exceptions import LocalProtocolError, StreamReset, TunnelError
+from .._exceptions import TunnelError
 from .._identity import PublicIdentity
 from .._protocol._events import ERROR_APPLICATION, ERROR_NO_ERROR
 
@@ -167,13 +166,10 @@ class OverlayStream(ByteStream):
                     raise anyio.ClosedResourceError("send() after send_eof()")
                 if not view:
                     return
-                try:
-                    room = self._tunnel.send_buffer_available(self._stream_id)
-                except LocalProtocolError:
-                    raise self._stopped() from None
+                room = self._tunnel.send_buffer_available(self._stream_id)
                 if room:
                     chunk, view = view[:room], view[room:]
-                    self._write(bytes(chunk))
+                    self._tunnel.send_stream(self._stream_id, bytes(chunk))
                     self.bytes_sent += len(chunk)
                     self._node._flush()
                     continue
@@ -187,7 +183,7 @@ class OverlayStream(ByteStream):
         if self._send_error is not None:
             raise self._send_error
         if not self._eof_sent:
-            self._write(b"", end_stream=True)
+            self._tunnel.send_stream(self._stream_id, b"", end_stream=True)
             self._eof_sent = True
             self._node._flush()
             self._node._forget_if_done(self)
@@ -203,30 +199,10 @@ class OverlayStream(ByteStream):
             return
         tunnel, sid = self._tunnel, self._stream_id
         if not tunnel.is_closed and self._send_error is None and not self._eof_sent:
-            with contextlib.suppress(TunnelError):
-                self._write(b"", end_stream=True)
+            tunnel.send_stream(sid, b"", end_stream=True)
         if not tunnel.is_closed and self._receive_error is None and not self._eof_received:
             tunnel.stop_sending(sid, ERROR_NO_ERROR)
         self._end_locally()
-
-    def _write(self, data: bytes, *, end_stream: bool = False) -> None:
-        """Queue bytes in the tunnel; a stream the tunnel already gave up on raises our error."""
-        try:
-            self._tunnel.send_stream(self._stream_id, data, end_stream=end_stream)
-        except LocalProtocolError:
-            raise self._stopped() from None
-
-    def _stopped(self) -> TunnelError:
-        """The error for a send the tunnel refused: the stream's sending side is gone."""
-        if self._send_error is None:
-            self._send_error = StreamReset(
-                f"{self._peer_address} port {self._port}: the stream can no longer send "
-                "(the peer reset it or stopped reading)",
-                address=self._peer_address,
-                port=self._port,
-            )
-        assert isinstance(self._send_error, TunnelError)
-        return self._send_error
 
     def _end_locally(self) -> None:
         """We are done with both directions: wake any waiter and let the node forget us."""

@@ -348,6 +348,10 @@ class Connection:
             stream.announced = True
             if self._owner.is_listening(stream.port):
                 self._owner.emit(StreamOpened(self._peer, stream.stream_id, stream.port))
+                if stream.unannounced_stop is not None:
+                    self._owner.emit(
+                        StreamStopSending(self._peer, stream.stream_id, stream.unannounced_stop)
+                    )
             else:
                 self._refuse(stream)
                 return
@@ -392,6 +396,8 @@ class Connection:
         self._queue(stream)
         if stream.local or stream.announced:
             self._owner.emit(StreamStopSending(self._peer, stream.stream_id, frame.error_code))
+        else:
+            stream.unannounced_stop = frame.error_code  # said right after StreamOpened
 
     # -- acknowledgements and loss ----------------------------------------------------
 

@@ -33,6 +33,7 @@ class StreamState:
     reset_code: int | None = None  # RESET_STREAM we owe the peer (not yet sent)
     reset_unacked: bool = False  # RESET_STREAM sent, not yet acknowledged
     stop_code: int | None = None  # STOP_SENDING we owe the peer
+    unannounced_stop: int | None = None  # the peer's STOP_SENDING, before StreamOpened
     queued: bool = False
     writable_wanted: bool = False
     window_update: bool = False

@@ -14,7 +14,9 @@ from overlay_httpx._protocol._events import (
     HandshakeFailed,
     PathChanged,
     StreamMoved,
+    StreamOpened,
     StreamReset,
+    StreamStopSending,
     TunnelClosed,
 )
 from overlay_httpx.testing import LinkConfig, Network
@@ -420,3 +422,6 @@ def test_stop_sending_in_the_opening_packet_is_honoured() -> None:
     # sides forget the stream: nothing is left half-open.
     assert net.run(until=lambda: not b_tunnel.stream_ids() and not tunnel.stream_ids(), timeout=30)
     assert bytes(b.state(b_tunnel, sid).received) == b"fire and forget"
+    # B's application hears of the stop right after the stream itself.
+    told = [type(e) for e in b.events if getattr(e, "stream_id", None) == sid]
+    assert told[:2] == [StreamOpened, StreamStopSending]
