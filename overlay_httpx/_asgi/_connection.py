@@ -38,7 +38,7 @@ from h2.events import (
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from .. import _h2compat  # noqa: F401  (cheap DATA frame reprs; see the module)
+from .. import _h2compat  # also gives DATA frames a cheap repr on import
 from .._node import OverlayAttribute, OverlayStream
 from ._request import Request, simple_response
 from ._scope import BadRequest, ConnectionInfo, build_scope
@@ -90,7 +90,7 @@ class _ServerSettings(Settings):
 
 def _new_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connection:
     h2 = H2Connection(config=_H2_CONFIG)
-    h2.local_settings = _ServerSettings(
+    settings = _ServerSettings(
         client=False,
         initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
@@ -99,7 +99,7 @@ def _new_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connect
             SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
         },
     )
-    h2.max_inbound_frame_size = MAX_FRAME_SIZE
+    _h2compat.use_local_settings(h2, settings, MAX_FRAME_SIZE)
     # Over the advertised size (up to twice) a request gets 431 from `build_scope`;
     # beyond that the HPACK decoder stops decoding, which can only end the connection.
     h2.decoder.max_header_list_size = 2 * max_header_list_size

@@ -24,9 +24,10 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from .. import _h2compat  # noqa: F401  (cheap DATA frame reprs; see the module)
+from .. import _h2compat  # also gives DATA frames a cheap repr on import
 from .._address import Address
 from .._exceptions import PeerRestarted
+from .._identity import PublicIdentity
 from .._node import OverlayAttribute, OverlayStream
 from ._errors import ServerResetStream
 
@@ -83,9 +84,10 @@ class H2ClientConnection:
         self._stream = stream
         self.authority = authority
         self.peer: Address = stream.extra(OverlayAttribute.peer_address)
+        self.peer_identity: PublicIdentity = stream.extra(OverlayAttribute.peer_identity)
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
-        self._h2.local_settings = h2.settings.Settings(
+        settings = h2.settings.Settings(
             client=True,
             initial_values={
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
@@ -94,12 +96,9 @@ class H2ClientConnection:
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 << 10,
             },
         )
+        _h2compat.use_local_settings(self._h2, settings, _MAX_FRAME)
+        # The preface and our SETTINGS leave with the first request, in one datagram.
         self._h2.initiate_connection()
-        # h2 applies our MAX_FRAME_SIZE only when the server acknowledges it, and
-        # checks every frame of a received chunk against the size in force when
-        # the chunk arrived, so a big DATA frame right behind that ACK would be
-        # refused. Accepting big frames before the ACK is harmless.
-        self._h2.max_inbound_frame_size = _MAX_FRAME
         self._h2.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self._exchanges: dict[int, _Exchange] = {}
         self._outgoing = bytearray()
@@ -134,11 +133,6 @@ class H2ClientConnection:
         return self._h2.open_outbound_streams < limit
 
     # -- IO ------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Prepare the connection; the preface and our SETTINGS leave with the first request,
-        in the same datagram."""
-        await anyio.lowlevel.checkpoint()
 
     async def _flush(self) -> None:
         """Send what h2 has queued, in order, from whichever task is already sending.

@@ -241,7 +241,6 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             ):
                 stream = await node.connect(address, port)
                 conn = H2ClientConnection(stream, authority=request.url.netloc.decode("ascii"))
-                await conn.start()
             old = self._connections.get(key)
             self._connections[key] = conn
             if old is not None and old.idle:
@@ -292,8 +291,8 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             "stream_id": sid,
             "overlay": {
                 "peer_address": conn.peer,
-                "peer_identity": stream.extra(OverlayAttribute.peer_identity),
-                "fingerprint": stream.extra(OverlayAttribute.peer_identity).fingerprint,
+                "peer_identity": conn.peer_identity,
+                "fingerprint": conn.peer_identity.fingerprint,
                 "path": stream.extra(OverlayAttribute.path),
                 "rtt": stream.extra(OverlayAttribute.rtt),
             },

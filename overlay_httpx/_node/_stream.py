@@ -89,6 +89,7 @@ class OverlayStream(ByteStream):
         self.bytes_sent = 0
         """Bytes handed to the tunnel so far (the stream offset of the next byte sent)."""
         self._closed = False
+        self._extra: dict[Any, Callable[[], Any]] | None = None
         self._receive_guard = anyio.ResourceGuard("reading from")
         self._send_guard = anyio.ResourceGuard("writing to")
 
@@ -239,6 +240,13 @@ class OverlayStream(ByteStream):
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        # Built once: `extra()` is on the HTTP client's per-request path. The
+        # values are callables, so what they report stays current.
+        if self._extra is None:
+            self._extra = self._attributes()
+        return self._extra
+
+    def _attributes(self) -> dict[Any, Callable[[], Any]]:
         tunnel = self._tunnel
         return {
             OverlayAttribute.local_address: lambda: self._node.address,
