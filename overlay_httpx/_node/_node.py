@@ -37,7 +37,7 @@ from .._protocol._stats import TunnelStatistics
 from .._protocol._tunnel import Tunnel
 from ._router import Router
 from ._stream import OverlayListener, OverlayStream, Path
-from ._udp import DEFAULT_BUFFER_BYTES, Addr, UdpSocket, current_backend, parse_endpoint
+from ._udp import DEFAULT_BUFFER_BYTES, Addr, UdpSocket, loop_clock, parse_endpoint
 
 __all__ = ["Node", "NodeStatistics", "PeerInfo"]
 
@@ -186,14 +186,7 @@ class Node:
             raise LocalProtocolError(
                 f"this Node is {self._state}; create a new Node to start again"
             )
-        if current_backend() == "asyncio":
-            import asyncio
-
-            self._clock = asyncio.get_running_loop().time
-        else:
-            import trio
-
-            self._clock = trio.current_time
+        self._clock = loop_clock()
         now = self._clock()
         self._endpoint = Endpoint(
             self._identity,
@@ -209,8 +202,7 @@ class Node:
         try:
             group = await stack.enter_async_context(anyio.create_task_group())
             group.start_soon(self._timer_loop)
-            if self._udp.needs_reader_task:
-                group.start_soon(self._udp.run)
+            self._udp.start(group)
         except BaseException:
             self._udp.close()
             await stack.aclose()

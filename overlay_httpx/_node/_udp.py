@@ -22,9 +22,17 @@ import socket
 from collections.abc import Callable
 from typing import Final
 
+from anyio.abc import TaskGroup
+
 from .._exceptions import LocalProtocolError
 
-__all__ = ["DEFAULT_BUFFER_BYTES", "UdpSocket", "current_backend", "parse_endpoint"]
+__all__ = [
+    "DEFAULT_BUFFER_BYTES",
+    "UdpSocket",
+    "current_backend",
+    "loop_clock",
+    "parse_endpoint",
+]
 
 logger = logging.getLogger("overlay_httpx")
 
@@ -47,6 +55,17 @@ def current_backend() -> str:
     except RuntimeError:
         return "trio"
     return "asyncio"
+
+
+def loop_clock() -> Callable[[], float]:
+    """The running loop's clock (what anyio's deadlines are measured against)."""
+    if current_backend() == "asyncio":
+        import asyncio
+
+        return asyncio.get_running_loop().time
+    import trio
+
+    return trio.current_time
 
 
 def parse_endpoint(value: str | tuple[str, int], what: str = "endpoint") -> Addr:
@@ -147,10 +166,11 @@ class UdpSocket:
     def send_buffer(self) -> int:
         return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
-    @property
-    def needs_reader_task(self) -> bool:
-        """On trio, `run` must run in a task; on asyncio the loop calls the reader itself."""
-        return self._backend == "trio"
+    def start(self, group: TaskGroup) -> None:
+        """Begin reading: on trio in a task of `group`; on asyncio the loop already
+        calls the reader registered in ``__init__``."""
+        if self._backend == "trio":
+            group.start_soon(self.run)
 
     async def run(self) -> None:
         """Read until closed (trio only)."""

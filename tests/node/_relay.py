@@ -62,9 +62,8 @@ class ImpairmentRelay:
         group = await self._stack.enter_async_context(anyio.create_task_group())
         self._group = group
         group.start_soon(self._pump)
-        for sock in (self._toward_a, self._toward_b):
-            if sock.needs_reader_task:
-                group.start_soon(sock.run)
+        self._toward_a.start(group)
+        self._toward_b.start(group)
         return self
 
     async def __aexit__(
