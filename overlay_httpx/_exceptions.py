@@ -17,9 +17,17 @@ catches ``ValueError`` or ``FileNotFoundError`` keeps working::
     │   ├── NoiseDecryptError                  AEAD authentication failed
     │   ├── FrameError                         a frame or packet could not be decoded
     │   └── FlowControlError                   the peer sent beyond a limit we gave it
+    ├── RegistryError                          the rendezvous refused or failed a request
+    │   ├── AddressTaken                       the address belongs to another key
+    │   ├── HostnameTaken                      another live node holds the hostname
+    │   ├── NotRegistered       (LookupError)  no live record for an address, name or tag
+    │   ├── RegistryProtocolError              a registry message could not be decoded
+    │   └── StoreError                         the registry database cannot be used
     └── TunnelError                            a tunnel or stream could not do its job
         ├── UnknownPeer         (LookupError)  no identity or endpoint for an address
         ├── HandshakeTimeout    (TimeoutError) the peer never answered the handshake
+        ├── TrustRefused        (PermissionError)  the peer's trust policy refused us
+        ├── RendezvousUnavailable              no rendezvous configured or reachable
         ├── PortInUse           (OSError)      listen() on a port already listened on
         ├── TunnelClosed        (anyio.BrokenResourceError)  by the peer, idle timeout, us
         │   └── PeerRestarted                  the peer came back with a new session
@@ -43,9 +51,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AddressError",
+    "AddressTaken",
     "FlowControlError",
     "FrameError",
     "HandshakeTimeout",
+    "HostnameTaken",
     "IdentityCorrupt",
     "IdentityError",
     "IdentityExists",
@@ -54,13 +64,19 @@ __all__ = [
     "LocalProtocolError",
     "NoiseDecryptError",
     "NoiseStateError",
+    "NotRegistered",
     "OverlayError",
     "PeerRestarted",
     "PortInUse",
     "PortUnreachable",
+    "RegistryError",
+    "RegistryProtocolError",
     "RemoteProtocolError",
+    "RendezvousUnavailable",
+    "StoreError",
     "StreamReset",
     "TunnelClosed",
+    "TrustRefused",
     "TunnelError",
     "UnknownPeer",
 ]
@@ -135,6 +151,14 @@ class HandshakeTimeout(TunnelError, TimeoutError):
     """The peer did not answer the handshake within the handshake timeout."""
 
 
+class TrustRefused(TunnelError, PermissionError):
+    """The peer proved who it is and then refused us: its trust policy does not admit our key."""
+
+
+class RendezvousUnavailable(TunnelError):
+    """The operation needs a rendezvous, and none is configured or it cannot be reached."""
+
+
 class PortInUse(TunnelError, OSError):
     """Something on this node already listens on the overlay port."""
 
@@ -191,3 +215,47 @@ class StreamReset(TunnelError, anyio.BrokenResourceError):
 
 class PortUnreachable(StreamReset, ConnectionRefusedError):
     """The peer answered that nothing listens on the overlay port."""
+
+
+class RegistryError(OverlayError):
+    """The rendezvous refused or could not carry out a registry request.
+
+    `code` is the registry's machine-readable reason (e.g. ``"address_taken"``).
+    """
+
+    code = "registry_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class AddressTaken(RegistryError):
+    """The address is bound to another public key (or this key already holds another address)."""
+
+    code = "address_taken"
+
+
+class HostnameTaken(RegistryError):
+    """Another live node holds the hostname."""
+
+    code = "hostname_taken"
+
+
+class NotRegistered(RegistryError, LookupError):
+    """No live record answers the address, hostname or tag."""
+
+    code = "not_registered"
+
+
+class RegistryProtocolError(RegistryError, RemoteProtocolError):
+    """A registry message was malformed: bad framing, bad JSON, or a field of the wrong shape."""
+
+    code = "bad_request"
+
+
+class StoreError(RegistryError):
+    """The registry database cannot be opened, read or written."""
+
+    code = "store_error"
