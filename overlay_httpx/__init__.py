@@ -8,7 +8,9 @@ from ._address import Address
 from ._asgi import ClientDisconnected, LifespanFailed, OverlayServer, serve
 from ._exceptions import (
     AddressError,
+    AddressTaken,
     HandshakeTimeout,
+    HostnameTaken,
     IdentityCorrupt,
     IdentityError,
     IdentityExists,
@@ -17,17 +19,23 @@ from ._exceptions import (
     LocalProtocolError,
     NoiseDecryptError,
     NoiseStateError,
+    NotRegistered,
     OverlayError,
     PeerRestarted,
     PortInUse,
     PortUnreachable,
+    RegistryError,
+    RegistryProtocolError,
     RemoteProtocolError,
+    RendezvousUnavailable,
+    StoreError,
     StreamReset,
+    TrustRefused,
     TunnelClosed,
     TunnelError,
     UnknownPeer,
 )
-from ._http import AddressResolver, OverlayTransport, Resolver
+from ._http import AddressResolver, NodeResolver, OverlayTransport, Resolver
 from ._identity import Identity, PublicIdentity
 from ._node import (
     Node,
@@ -36,15 +44,19 @@ from ._node import (
     OverlayListener,
     OverlayStream,
     PeerInfo,
+    TrustPolicy,
 )
+from ._rendezvous import NodeRecord, Rendezvous, RendezvousStatistics, SqliteStore, Store
 from ._version import __version__
 
 __all__ = [
     "Address",
     "AddressError",
     "AddressResolver",
+    "AddressTaken",
     "ClientDisconnected",
     "HandshakeTimeout",
+    "HostnameTaken",
     "Identity",
     "IdentityCorrupt",
     "IdentityError",
@@ -54,9 +66,12 @@ __all__ = [
     "LifespanFailed",
     "LocalProtocolError",
     "Node",
+    "NodeRecord",
+    "NodeResolver",
     "NodeStatistics",
     "NoiseDecryptError",
     "NoiseStateError",
+    "NotRegistered",
     "OverlayAttribute",
     "OverlayError",
     "OverlayListener",
@@ -68,9 +83,19 @@ __all__ = [
     "PortInUse",
     "PortUnreachable",
     "PublicIdentity",
+    "RegistryError",
+    "RegistryProtocolError",
     "RemoteProtocolError",
+    "Rendezvous",
+    "RendezvousStatistics",
+    "RendezvousUnavailable",
     "Resolver",
+    "SqliteStore",
+    "Store",
+    "StoreError",
     "StreamReset",
+    "TrustPolicy",
+    "TrustRefused",
     "TunnelClosed",
     "TunnelError",
     "UnknownPeer",

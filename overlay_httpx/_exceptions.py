@@ -75,8 +75,8 @@ __all__ = [
     "RendezvousUnavailable",
     "StoreError",
     "StreamReset",
-    "TunnelClosed",
     "TrustRefused",
+    "TunnelClosed",
     "TunnelError",
     "UnknownPeer",
 ]

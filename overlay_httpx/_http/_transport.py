@@ -8,8 +8,10 @@
 The URL's port is the overlay port (default 80). Every (peer, port) gets one
 HTTP/2 connection over one overlay stream, shared by all concurrent
 requests. Hosts are turned into addresses by a `Resolver`; the default one
-reads the address form (``1-0001-0001-0001.overlay``), and the rendezvous
-adds names and tags behind the same seam.
+(`NodeResolver`) reads the address form (``1-0001-0001-0001.overlay``) and,
+through the node's rendezvous, names (``<hostname>.overlay``) and tags
+(``<tag>.tag.overlay``, spread over the nodes that carry the tag; a node whose
+tunnel cannot be made is skipped for the next one).
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ from .._identity import Identity
 from .._node import Node, OverlayAttribute
 from ._client import H2ClientConnection, Refused
 from ._errors import Phase, map_errors
+from ._resolver import NodeResolver
 
-__all__ = ["AddressResolver", "OverlayTransport", "Resolver", "default_identity_path"]
+__all__ = [
+    "AddressResolver",
+    "NodeResolver",
+    "OverlayTransport",
+    "Resolver",
+    "default_identity_path",
+]
 
 IDENTITY_ENV = "OVERLAY_HTTPX_IDENTITY"
 BIND_ENV = "OVERLAY_HTTPX_BIND"
+RENDEZVOUS_ENV = "OVERLAY_HTTPX_RENDEZVOUS"
+_MAX_CANDIDATES = 3  # nodes of one tag tried for a request before giving up
 
 
 class Resolver(Protocol):
@@ -137,7 +148,7 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         self._node = node
         self._owned: Node | None = None
         self._identity = identity
-        self._resolver: Resolver = resolver or AddressResolver()
+        self._resolver: Resolver | None = resolver
         self._fallback = fallback
         self._retries = retries
         self._connections: dict[tuple[Address, int], H2ClientConnection] = {}
@@ -158,7 +169,11 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             identity = self._identity
             if not isinstance(identity, Identity):
                 identity = Identity.load_or_create(identity or default_identity_path())
-            node = Node(identity, bind=os.environ.get(BIND_ENV, "0.0.0.0:0"))
+            node = Node(
+                identity,
+                bind=os.environ.get(BIND_ENV, "0.0.0.0:0"),
+                rendezvous=os.environ.get(RENDEZVOUS_ENV) or None,
+            )
             await node.__aenter__()
             self._owned = node
         if self._fallback is not None:
@@ -202,21 +217,36 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 request=request,
             )
         port = request.url.port or 80
+        if self._resolver is None:
+            self._resolver = NodeResolver(self.node)
         with map_errors("connect", request, host):
             addresses = await self._resolver.resolve(host)
         if not addresses:
-            raise httpx.ConnectError(f"no overlay node serves {host}", request=request)
+            raise httpx.ConnectError(f"no live overlay node serves {host}", request=request)
         replayable = isinstance(request.stream, httpx.ByteStream)
         attempts = 1 + (self._retries if replayable else 0)
         for attempt in range(attempts):
-            address = addresses[attempt % len(addresses)]
-            conn = await self._connection(request, address, port)
+            conn = await self._first_connection(request, addresses, attempt, port)
             try:
                 return await self._exchange(request, conn)
             except Refused as exc:
                 await self._retire(conn)
                 if attempt + 1 >= attempts:
                     raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _first_connection(
+        self, request: httpx.Request, addresses: Sequence[Address], start: int, port: int
+    ) -> H2ClientConnection:
+        """A connection to the first of `addresses` (from `start` on) whose tunnel works."""
+        tries = min(len(addresses), _MAX_CANDIDATES)
+        for i in range(tries):
+            address = addresses[(start + i) % len(addresses)]
+            try:
+                return await self._connection(request, address, port)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if i + 1 >= tries:
+                    raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _connection(

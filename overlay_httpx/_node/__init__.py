@@ -2,6 +2,7 @@
 
 from ._node import Node, NodeStatistics, PeerInfo, default_address
 from ._stream import OverlayAttribute, OverlayListener, OverlayStream
+from ._trust import TrustPolicy
 
 __all__ = [
     "Node",
@@ -10,5 +11,6 @@ __all__ = [
     "OverlayListener",
     "OverlayStream",
     "PeerInfo",
+    "TrustPolicy",
     "default_address",
 ]

@@ -11,23 +11,28 @@ ever waits in a queue of ours.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import anyio
 
 from .._address import Address
 from .._exceptions import (
     LocalProtocolError,
+    NotRegistered,
+    OverlayError,
     PortInUse,
+    RendezvousUnavailable,
     UnknownPeer,
 )
 from .._identity import Identity, PublicIdentity
@@ -37,7 +42,12 @@ from .._protocol._stats import TunnelStatistics
 from .._protocol._tunnel import Tunnel
 from ._router import Router
 from ._stream import OverlayListener, OverlayStream, Path
+from ._trust import TrustPolicy
 from ._udp import DEFAULT_BUFFER_BYTES, Addr, UdpSocket, loop_clock, parse_endpoint
+
+if TYPE_CHECKING:
+    from .._rendezvous._client import RendezvousClient
+    from .._rendezvous._store import NodeRecord
 
 __all__ = ["Node", "NodeStatistics", "PeerInfo"]
 
@@ -45,6 +55,7 @@ logger = logging.getLogger("overlay_httpx")
 
 _LOOPBACK_DATAGRAM_SIZE: Final = MAX_DATAGRAM_SIZE
 _ADDRESS_DOMAIN: Final = b"overlay_httpx address v1"
+_TAGS_FRESH: Final = 60.0  # seconds a peer's registered tags are trusted for tag rules
 
 
 class PeerInfo(NamedTuple):
@@ -74,6 +85,11 @@ class NodeStatistics:
     """Datagrams dropped before reaching a tunnel, by reason."""
     send_errors: dict[str, int]
     """Datagrams the kernel refused to send, by errno name (treated as loss)."""
+    rendezvous: str | None = None
+    registered: bool = False
+    observed_endpoint: Addr | None = None
+    """Our UDP endpoint as the rendezvous sees it (after any NAT)."""
+    relayed_tunnels: int = 0
 
 
 def default_address(identity: PublicIdentity, network: int = 1) -> Address:
@@ -93,6 +109,28 @@ def _as_address(value: Address | str) -> Address:
     raise LocalProtocolError(
         f"address {value!r}: expected an Address or text like '1:0001.0001.0001'"
     )
+
+
+def _network_key(value: bytes | str | None) -> bytes | None:
+    """32 bytes, or their hex (64 digits) or base64 text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            raw = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text, validate=True)
+        except (ValueError, binascii.Error):
+            raw = b""
+    elif isinstance(value, bytes):
+        raw = value
+    else:
+        raw = b""
+    if len(raw) != 32:
+        raise LocalProtocolError(
+            "network_key: expected 32 bytes (or their hex or base64 text), "
+            "e.g. os.urandom(32) shared by every member of the network"
+        )
+    return raw
 
 
 def _check_port(port: object) -> int:
@@ -127,7 +165,13 @@ class Node:
         handshake_timeout: float = 5.0,
         persistent_keepalive: bool = False,
         max_datagram_size: int | None = None,
-        trust: TrustCallback | None = None,
+        trust: TrustPolicy | TrustCallback | None = None,
+        network_key: bytes | str | None = None,
+        rendezvous: str | None = None,
+        tags: Iterable[str] = (),
+        hostname: str | None = None,
+        advertise: Iterable[str | tuple[str, int]] | None = None,
+        direct_timeout: float = 1.0,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         linger: float = 2.0,
     ) -> None:
@@ -160,7 +204,27 @@ class Node:
             )
         except ValueError as exc:
             raise LocalProtocolError(str(exc)) from None
+        if trust is not None and not isinstance(trust, TrustPolicy) and not callable(trust):
+            raise LocalProtocolError(
+                f"trust: expected a TrustPolicy or a callable(identity, address), got {trust!r}"
+            )
         self._trust = trust
+        self._network_key = _network_key(network_key)
+        self._rv: RendezvousClient | None = None
+        self._rv_peer: PeerInfo | None = None
+        self._discovered: dict[Address, NodeRecord] = {}
+        self._tags: dict[Address, tuple[PublicIdentity, frozenset[str], float]] = {}
+        self._tag_lookups: set[Address] = set()
+        if rendezvous is not None:
+            self._rv = _make_client(self, rendezvous, tags, hostname, direct_timeout)
+            if advertise is not None:
+                if isinstance(advertise, str):
+                    advertise = [advertise]
+                self._rv.advertise = [parse_endpoint(ep, "advertise") for ep in advertise]
+        elif tags or hostname is not None or advertise is not None:
+            raise LocalProtocolError(
+                "tags, hostname and advertise go to a rendezvous: pass rendezvous='host:port' too"
+            )
         self._buffer_bytes = buffer_bytes
         self._linger = linger
         self._peers: dict[Address, PeerInfo] = {}
@@ -194,7 +258,10 @@ class Node:
             config=self._config,
             trust=self._admit,
             timestamp_origin_ns=time.time_ns() - int(now * 1e9),
+            network_key=self._network_key,
         )
+        if self._rv is not None:
+            self._endpoint.on_identify_answer = self._rv.on_identify_answer
         self._udp = UdpSocket(
             self._bind, self._on_datagram, self._flush, buffer_bytes=self._buffer_bytes
         )
@@ -211,6 +278,14 @@ class Node:
         self._stack = stack
         self._state = "running"
         logger.debug("node %s listening on UDP %s:%d", self._address, *self.endpoint)
+        if self._rv is not None:
+            group.start_soon(self._rv.run)
+            with anyio.move_on_after(self._config.handshake_timeout + 1.0):
+                await self._rv.first_attempt.wait()  # registered, or the first try failed
+            if self._rv.refused is not None:
+                refused = self._rv.refused
+                await self.aclose()
+                raise refused
         return self
 
     async def __aexit__(
@@ -229,6 +304,9 @@ class Node:
         """
         if self._state != "running":
             return
+        if self._rv is not None and self._rv.is_registered:
+            with anyio.move_on_after(0.5), suppress(OverlayError):
+                await self._rv.call("unregister", wait=0.5)  # leave now, not by expiry
         self._state = "closing"
         assert self._endpoint is not None
         assert self._udp is not None
@@ -270,6 +348,18 @@ class Node:
         return self._identity
 
     @property
+    def rendezvous(self) -> str | None:
+        """The rendezvous this node registers with (``IDENTITY@host:port`` once known)."""
+        if self._rv is None:
+            return None
+        identity = self._rv.identity
+        return (
+            str(self._rv._spec)
+            if identity is None
+            else f"{identity}@{self._rv._spec.host}:{self._rv._spec.port}"
+        )
+
+    @property
     def endpoint(self) -> Addr:
         """The bound UDP (host, port)."""
         if self._udp is None:
@@ -300,29 +390,189 @@ class Node:
     def peers(self) -> list[PeerInfo]:
         return list(self._peers.values())
 
-    def _locate(self, address: Address, port: int) -> PeerInfo:
-        """Static peers first, then peers that reached us (we learned them from a handshake)."""
+    def _known(self, address: Address) -> PeerInfo | None:
+        """Static peers first, then the rendezvous, then peers with a live tunnel to us."""
         peer = self._peers.get(address)
         if peer is not None:
             return peer
+        if self._rv_peer is not None and self._rv_peer.address == address:
+            return self._rv_peer
         if self._endpoint is not None:
             for tunnel in self._endpoint.tunnels():
-                if tunnel.peer_address == address and tunnel.peer_identity is not None:
+                if (
+                    tunnel.peer_address == address
+                    and tunnel.peer_identity is not None
+                    and not tunnel.is_closed
+                ):
                     return PeerInfo(address, tunnel.peer_identity, tunnel.remote_addr)
-        raise UnknownPeer(
-            f"unknown peer {address}: no identity or UDP endpoint known "
-            f"(add it with node.add_peer(address, identity, 'host:port'))",
-            address=address,
-            port=port,
-        )
+        return None
 
-    def _admit(self, identity: PublicIdentity, address: Address) -> bool:
+    async def _locate(self, address: Address, port: int) -> tuple[PeerInfo, NodeRecord | None]:
+        """How to reach `address`: known already, or asked of the rendezvous.
+
+        Asking the rendezvous (op ``connect``) also makes it tell the peer to
+        punch a hole towards us, so the direct path has its best chance.
+        """
+        peer = self._known(address)
+        if peer is not None:
+            return peer, None
+        if self._rv is None:
+            raise UnknownPeer(
+                f"unknown peer {address}: no identity or UDP endpoint known (add it with "
+                f"node.add_peer(address, identity, 'host:port') or give the node a rendezvous)",
+                address=address,
+                port=port,
+            )
+        try:
+            record = await self._rv.record("connect", address=str(address))
+        except NotRegistered:
+            raise UnknownPeer(
+                f"unknown peer {address}: the rendezvous has no live record of it",
+                address=address,
+                port=port,
+            ) from None
+        except RendezvousUnavailable:
+            cached = self._discovered.get(address)  # what we learned before may still work
+            if cached is None:
+                raise
+            record = cached
+        self._learn(record)
+        return PeerInfo(address, record.identity, record.endpoint), record
+
+    def _admit(self, identity: PublicIdentity, address: Address) -> bool | None:
         """Trust policy, checked on every initiation before any state is kept."""
+        if self._rv_peer is not None and identity == self._rv_peer.identity:
+            return True
         known = self._peers.get(address)
         if known is not None and known.identity != identity:
             logger.debug("refused handshake: %s claimed by a key that is not its own", address)
             return False
-        return self._trust is None or self._trust(identity, address)
+        trust = self._trust
+        if trust is None:
+            return True
+        if not isinstance(trust, TrustPolicy):
+            return trust(identity, address)
+        if trust.admits_without_tags(identity, address):
+            return True
+        if not trust.needs_tags:
+            return False
+        tags = self._peer_tags(identity, address)
+        return None if tags is None else trust.admits(identity, address, tags)
+
+    def _peer_tags(self, identity: PublicIdentity, address: Address) -> frozenset[str] | None:
+        """The peer's registered tags; None while they are being asked for."""
+        cached = self._tags.get(address)
+        if cached is not None and cached[2] > self._clock():
+            return cached[1] if cached[0] == identity else frozenset()
+        if self._rv is None:
+            return frozenset()
+        if address not in self._tag_lookups:
+            self._tag_lookups.add(address)
+            self._spawn(self._lookup_tags(address))
+        return None
+
+    async def _lookup_tags(self, address: Address) -> None:
+        assert self._rv is not None
+        try:
+            self._learn(await self._rv.record("lookup", address=str(address)))
+        except NotRegistered:
+            self._tags[address] = (self.public, frozenset(), self._clock() + _TAGS_FRESH)
+        except OverlayError as exc:
+            logger.debug("could not look up the tags of %s: %s", address, exc)
+        finally:
+            self._tag_lookups.discard(address)
+
+    def _learn(self, record: NodeRecord) -> None:
+        """Remember what the rendezvous told us about a peer."""
+        self._discovered[record.address] = record
+        self._tags[record.address] = (
+            record.identity,
+            frozenset(record.tags),
+            self._clock() + _TAGS_FRESH,
+        )
+
+    # -- discovery (needs rendezvous=) ---------------------------------------------------------
+
+    def _client(self) -> RendezvousClient:
+        self._check_running()
+        if self._rv is None:
+            raise RendezvousUnavailable(
+                f"node {self._address} has no rendezvous: create it with "
+                f"Node(identity, rendezvous='host:port')",
+                address=self._address,
+            )
+        return self._rv
+
+    async def wait_path(self, address: Address | str, path: Path) -> None:
+        """Wait until the tunnel to `address` runs over `path` ("direct" or "relayed")."""
+        addr = _as_address(address)
+        while True:
+            self._check_running()
+            changed = self._router.path_changed
+            for stats in self.statistics().tunnels:
+                if stats.peer_address == addr and stats.path == path and stats.state != "closed":
+                    return
+            await changed.wait()
+
+    async def wait_registered(self) -> None:
+        """Wait until the rendezvous has this node's current record."""
+        client = self._client()
+        while not client.is_registered:
+            await client._connected.wait()
+
+    async def set_tags(self, tags: Iterable[str]) -> None:
+        """Replace this node's tags at the rendezvous (kept for re-registrations)."""
+        client = self._client()
+        checked = _check_tags(tags)
+        await client.call("set_tags", tags=list(checked))
+        client.tags = checked
+
+    async def find_by_tag(self, tag: str) -> list[NodeRecord]:
+        """Live nodes that carry `tag`, as registered at the rendezvous."""
+        records = await self._client().records("find_by_tag", tag=tag)
+        for record in records:
+            self._learn(record)
+        return records
+
+    async def resolve(self, hostname: str) -> NodeRecord:
+        """The live node registered under `hostname` (raises `NotRegistered`)."""
+        record = await self._client().record("resolve", hostname=hostname)
+        self._learn(record)
+        return record
+
+    async def lookup(self, address: Address | str) -> NodeRecord:
+        """The live record of `address` at the rendezvous (raises `NotRegistered`)."""
+        record = await self._client().record("lookup", address=str(_as_address(address)))
+        self._learn(record)
+        return record
+
+    # -- hooks for the rendezvous client -----------------------------------------------------
+
+    def _set_rendezvous(self, address: Address, identity: PublicIdentity, endpoint: Addr) -> None:
+        self._rv_peer = PeerInfo(address, identity, endpoint)
+        if self._endpoint is not None:
+            self._endpoint.relay = endpoint
+
+    def _send_raw(self, data: bytes, addr: Addr) -> None:
+        if self._udp is not None and self._state == "running":
+            self._udp.sendto(data, addr)
+
+    def _tunnel_for(self, identity: PublicIdentity) -> Tunnel | None:
+        return self._endpoint.tunnel(identity) if self._endpoint is not None else None
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run `work` in the node's task group; its failures are logged, never raised."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                logger.exception("node %s: background task failed", self._address)
+
+        if self._state == "running":
+            self._group.start_soon(guarded)
+        elif hasattr(work, "close"):
+            work.close()
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -337,12 +587,17 @@ class Node:
         endpoint = self._check_running()
         addr = _as_address(address)
         port = _check_port(port)
-        peer = self._locate(addr, port)
+        peer, record = await self._locate(addr, port)
+        endpoint = self._check_running()
         key = peer.identity.x25519
         while True:
             tunnel = endpoint.tunnel(key)
             if tunnel is None or tunnel.is_closed:
                 tunnel = endpoint.connect(peer.identity, peer.endpoint, self._clock())
+                if record is not None and self._rv is not None:
+                    tunnel.candidates[:] = self._rv.candidates(record)[1:]
+                    tunnel.retry_handshake(self._clock())
+                    self._rv.watch(tunnel, record)
                 self._flush()
             if tunnel.is_established:
                 break
@@ -381,7 +636,7 @@ class Node:
         self._router.forget_if_done(stream)
 
     def _path_to(self, tunnel: Tunnel) -> Path:
-        return "direct"
+        return "relayed" if tunnel.is_relayed else "direct"
 
     # -- the IO loop ---------------------------------------------------------------------------
 
@@ -510,7 +765,46 @@ class Node:
             datagrams_sent=stats.datagrams_sent,
             drops=dict(stats.drops),
             send_errors=dict(self._udp.send_errors),
+            rendezvous=None if self._rv is None else str(self._rv._spec),
+            registered=self._rv is not None and self._rv.is_registered,
+            observed_endpoint=None if self._rv is None else self._rv.observed,
+            relayed_tunnels=sum(1 for t in stats.tunnels if t.path == "relayed"),
         )
 
     def __repr__(self) -> str:
         return f"<Node {self._address} {self._state}>"
+
+
+def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    from .._exceptions import RegistryProtocolError
+    from .._rendezvous._store import validate_tags
+
+    if isinstance(tags, str):
+        raise LocalProtocolError(f"tags: expected a list of tags, got the string {tags!r}")
+    try:
+        return validate_tags(list(tags))
+    except RegistryProtocolError as exc:
+        raise LocalProtocolError(str(exc)) from None
+
+
+def _make_client(
+    node: Node,
+    rendezvous: str,
+    tags: Iterable[str],
+    hostname: str | None,
+    direct_timeout: float,
+) -> RendezvousClient:
+    """The rendezvous client (imported here: discovery sits above the node layer)."""
+    from .._exceptions import RegistryProtocolError
+    from .._rendezvous._client import RendezvousClient
+    from .._rendezvous._spec import parse_rendezvous
+    from .._rendezvous._store import validate_hostname
+
+    spec = parse_rendezvous(rendezvous)
+    try:
+        name = validate_hostname(hostname)
+    except RegistryProtocolError as exc:
+        raise LocalProtocolError(str(exc)) from None
+    return RendezvousClient(
+        node, spec, tags=_check_tags(tags), hostname=name, direct_timeout=direct_timeout
+    )

@@ -19,6 +19,7 @@ from .._exceptions import (
     PeerRestarted,
     PortUnreachable,
     StreamReset,
+    TrustRefused,
     TunnelClosed,
     TunnelError,
 )
@@ -53,6 +54,7 @@ class Router:
         self.streams: dict[tuple[bytes, int], OverlayStream] = {}
         self.listeners: dict[int, OverlayListener] = {}
         self.handshakes: dict[bytes, _Handshake] = {}
+        self.path_changed = anyio.Event()  # set (and replaced) whenever a tunnel moves
 
     def add(self, stream: OverlayStream) -> None:
         self.streams[stream.key] = stream
@@ -129,14 +131,20 @@ class Router:
                 self._on_handshake(event)
             elif isinstance(event, ev.HandshakeFailed):
                 logger.debug("handshake with %s failed: %s", event.peer.hex()[:16], event.reason)
-                self.finish_handshake(event.peer, HandshakeTimeout, self._timeout_text(event))
+                if event.refused:
+                    text = f"{self._name(event.peer)} {event.reason}"
+                    self.finish_handshake(event.peer, TrustRefused, text)
+                else:
+                    self.finish_handshake(event.peer, HandshakeTimeout, self._timeout_text(event))
             elif isinstance(event, ev.PathChanged):
                 logger.debug(
-                    "path to %s moved from %s:%d to %s:%d",
+                    "path to %s moved from %s:%s to %s:%s",
                     self._name(event.peer),
                     *event.old,
                     *event.new,
                 )
+                self.path_changed.set()
+                self.path_changed = anyio.Event()
             elif isinstance(event, ev.TunnelClosed):
                 self._on_tunnel_closed(event)
 

@@ -5,6 +5,12 @@ initiations (after the MAC, the Noise handshake, the replay timestamp and the
 trust policy all agree), and gathers every tunnel's datagrams, timers and
 events. `receive_datagram` never raises: whatever is wrong with a datagram,
 it is dropped and counted by reason.
+
+Peers reached through a relay have a virtual address (`relay_addr`): what a
+tunnel sends there is wrapped in a RELAY datagram to the `relay` endpoint, and
+what the relay delivers is unwrapped and handed on as if it came from that
+virtual address. A rendezvous server plugs its forwarding in as
+`relay_forwarder` instead.
 """
 
 from __future__ import annotations
@@ -20,21 +26,38 @@ from .._identity import Identity, PublicIdentity
 from ._config import TunnelConfig
 from ._events import Event
 from ._packet import (
+    RELAY_HOST,
     TYPE_DATA,
+    TYPE_IDENTIFY,
     TYPE_INIT,
+    TYPE_PUNCH,
+    TYPE_REFUSAL,
+    TYPE_RELAY,
     TYPE_RESPONSE,
     DataHeader,
     HandshakeInit,
     HandshakeResponse,
+    IdentifyAnswer,
+    relay_addr,
+    relay_unwrap,
+    relay_wrap,
 )
 from ._sessions import LocalKeys, accept_initiation, random_index
 from ._stats import EndpointStatistics
 from ._tunnel import Tunnel
 
-__all__ = ["Endpoint", "TrustCallback"]
+__all__ = ["Endpoint", "RelayForwarder", "TrustCallback"]
 
-TrustCallback = Callable[[PublicIdentity, Address], bool]
-"""Called for each authenticated initiation before any state is kept."""
+TrustCallback = Callable[[PublicIdentity, Address], "bool | None"]
+"""Called for each authenticated initiation before any state is kept.
+
+True admits; False refuses (the initiator gets an authenticated refusal);
+None drops the initiation unanswered, e.g. while the facts to decide are
+being fetched (the initiator retries).
+"""
+
+RelayForwarder = Callable[[bytes, tuple[str, int], float], "tuple[bytes, tuple[str, int]] | None"]
+"""A relay server's hook: given a RELAY datagram and its source, what to send where (or None)."""
 
 _ONE_SECOND_NS: Final = 1_000_000_000
 
@@ -51,8 +74,9 @@ class Endpoint:
         trust: TrustCallback | None = None,
         timestamp_origin_ns: int = 0,
         boot_id: int | None = None,
+        network_key: bytes | None = None,
     ) -> None:
-        self.keys = LocalKeys.create(identity, address)
+        self.keys = LocalKeys.create(identity, address, network_key)
         self.config = config or TunnelConfig()
         self.boot_id = boot_id if boot_id is not None else struct.unpack("!Q", os.urandom(8))[0]
         self._trust = trust
@@ -67,6 +91,12 @@ class Endpoint:
         self._drops: Counter[str] = Counter()
         self._received = 0
         self._sent = 0
+        self.relay: tuple[str, int] | None = None
+        """Where RELAY datagrams go (the rendezvous's UDP endpoint), if anywhere."""
+        self.relay_forwarder: RelayForwarder | None = None
+        self.answer_identify = False
+        self.on_identify_answer: Callable[[IdentifyAnswer], None] | None = None
+        """Tell whoever asks our public identity (a rendezvous does; other nodes stay quiet)."""
 
     @property
     def address(self) -> Address:
@@ -166,7 +196,7 @@ class Endpoint:
             tunnel.handle_data(session, counter, data, addr, now)
         elif kind == TYPE_INIT:
             self._on_initiation(data, addr, now)
-        elif kind == TYPE_RESPONSE:
+        elif kind in (TYPE_RESPONSE, TYPE_REFUSAL):
             response = HandshakeResponse.decode(data, self.keys.mac1_key)
             if response is None:
                 self._drops["bad_mac"] += 1
@@ -176,8 +206,45 @@ class Endpoint:
                 self._drops["unknown_session"] += 1
                 return
             tunnel.handle_response(response, addr, now)
+        elif kind == TYPE_RELAY:
+            self._on_relay(data, addr, now)
+        elif kind == TYPE_PUNCH:
+            self._drops["punch"] += 1  # it only opened the sender's NAT towards us
+        elif kind == TYPE_IDENTIFY:
+            self._on_identify(data, addr)
         else:
             self._drops["malformed"] += 1
+
+    def _on_relay(self, data: bytes, addr: tuple[str, int], now: float) -> None:
+        if self.relay_forwarder is not None:
+            forward = self.relay_forwarder(data, addr, now)
+            if forward is not None:
+                self._out.append(forward)
+            return
+        unwrapped = relay_unwrap(data) if addr == self.relay else None
+        if unwrapped is None or unwrapped[1][0] == TYPE_RELAY:
+            self._drops["bad_relay"] += 1
+            return
+        source, inner = unwrapped
+        self._dispatch(inner, relay_addr(source), now)
+
+    def _on_identify(self, data: bytes, addr: tuple[str, int]) -> None:
+        answer = IdentifyAnswer.decode(data)
+        if answer is not None:
+            if self.on_identify_answer is not None:
+                self.on_identify_answer(answer)
+            else:
+                self._drops["identify"] += 1
+            return
+        nonce = IdentifyAnswer.nonce_of_request(data)
+        if not self.answer_identify or nonce is None:
+            self._drops["identify"] += 1
+            return
+        public = self.keys.identity.public
+        answer = IdentifyAnswer(
+            nonce, public.x25519, public.ed25519, self.keys.binding, self.address
+        )
+        self._out.append((answer.encode(), addr))
 
     def _on_initiation(self, data: bytes, addr: tuple[str, int], now: float) -> None:
         init = HandshakeInit.decode(data, self.keys.mac1_key)
@@ -191,9 +258,16 @@ class Endpoint:
         if accepted.hello.timestamp <= self._accepted_timestamps.get(peer, -1):
             self._drops["stale_timestamp"] += 1  # a replayed (or reordered old) initiation
             return
-        if self._trust is not None and not self._trust(accepted.identity, accepted.hello.address):
-            self._drops["untrusted"] += 1
-            return
+        if self._trust is not None:
+            verdict = self._trust(accepted.identity, accepted.hello.address)
+            if verdict is None:
+                self._drops["trust_pending"] += 1
+                return
+            if not verdict:
+                self._drops["untrusted"] += 1
+                self._accepted_timestamps[peer] = accepted.hello.timestamp  # no replayed refusals
+                self._out.append((accepted.refuse(self.keys, "not admitted"), addr))
+                return
         tunnel = self._tunnels.get(peer)
         if tunnel is not None and not tunnel.is_closed and tunnel.should_yield_to(now):
             self._drops["simultaneous_initiation"] += 1
@@ -208,8 +282,23 @@ class Endpoint:
         self._out = []
         for tunnel in self._tunnels.values():
             out.extend(tunnel.datagrams_to_send(now))
+        if self.relay is not None:  # only then can a virtual relay address exist
+            out = self._wrap_relayed(out)
         self._sent += len(out)
         return out
+
+    def _wrap_relayed(
+        self, out: list[tuple[bytes, tuple[str, int]]]
+    ) -> list[tuple[bytes, tuple[str, int]]]:
+        wrapped: list[tuple[bytes, tuple[str, int]]] = []
+        for data, addr in out:
+            if addr[0] != RELAY_HOST:
+                wrapped.append((data, addr))
+            elif self.relay is not None:
+                wrapped.append((relay_wrap(Address.from_int(addr[1]), data), self.relay))
+            else:
+                self._drops["no_relay"] += 1
+        return wrapped
 
     def get_timer(self) -> float | None:
         timers = [t for t in (tun.get_timer() for tun in self._tunnels.values()) if t is not None]

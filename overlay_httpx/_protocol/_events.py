@@ -59,10 +59,12 @@ class HandshakeCompleted:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeFailed:
-    """No response within the handshake timeout; queued streams have been failed."""
+    """No response within the handshake timeout, or the peer refused us; streams were failed."""
 
     peer: bytes
     reason: str
+    refused: bool = False
+    """The peer answered with an authenticated refusal (its trust policy said no)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Datagram layouts: handshake initiation and response, and encrypted data packets.
+"""Datagram layouts: handshake messages, encrypted data packets, relay and discovery helpers.
 
 Every datagram starts with a one-byte type. Handshake messages end with two
 16-byte MACs (``mac1`` proves the sender knows the receiver's static public
@@ -25,24 +25,40 @@ __all__ = [
     "DATA_HEADER_SIZE",
     "INIT_SIZE_MIN",
     "MAC_SIZE",
+    "RELAY_HOST",
     "RESPONSE_SIZE_MIN",
     "TYPE_DATA",
+    "TYPE_IDENTIFY",
     "TYPE_INIT",
+    "TYPE_PUNCH",
+    "TYPE_REFUSAL",
+    "TYPE_RELAY",
     "TYPE_RESPONSE",
     "VERSION",
     "DataHeader",
     "HandshakeInit",
     "HandshakeResponse",
     "HelloPayload",
+    "IdentifyAnswer",
     "TransportParameters",
     "compute_mac1",
+    "identify_request",
+    "is_relay_addr",
     "mac1_key",
+    "punch_datagram",
+    "relay_addr",
+    "relay_unwrap",
+    "relay_wrap",
 ]
 
 VERSION: Final = 1
 TYPE_INIT: Final = 0x01
 TYPE_RESPONSE: Final = 0x02
+TYPE_REFUSAL: Final = 0x03
 TYPE_DATA: Final = 0x04
+TYPE_RELAY: Final = 0x05
+TYPE_IDENTIFY: Final = 0x06
+TYPE_PUNCH: Final = 0x07
 MAC_SIZE: Final = 16
 _LABEL_MAC1: Final = b"overlay_httpx mac1 v1"
 
@@ -96,12 +112,16 @@ class HandshakeInit:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeResponse:
+    """A handshake answer; a `refusal` has the same layout and says the trust policy said no."""
+
     sender_index: int
     receiver_index: int
     noise: bytes
+    refusal: bool = False
 
     def encode(self, receiver_mac1_key: bytes) -> bytes:
-        head = _RESP_HEAD.pack(TYPE_RESPONSE, VERSION, 0, self.sender_index, self.receiver_index)
+        kind = TYPE_REFUSAL if self.refusal else TYPE_RESPONSE
+        head = _RESP_HEAD.pack(kind, VERSION, 0, self.sender_index, self.receiver_index)
         body = head + self.noise
         return body + compute_mac1(receiver_mac1_key, body) + bytes(MAC_SIZE)
 
@@ -113,8 +133,9 @@ class HandshakeResponse:
             or not _check_macs(data, own_mac1_key)
         ):
             return None
-        _, _, _, sender, receiver = _RESP_HEAD.unpack_from(data)
-        return cls(sender, receiver, data[_RESP_HEAD.size : len(data) - 2 * MAC_SIZE])
+        kind, _, _, sender, receiver = _RESP_HEAD.unpack_from(data)
+        noise = data[_RESP_HEAD.size : len(data) - 2 * MAC_SIZE]
+        return cls(sender, receiver, noise, refusal=kind == TYPE_REFUSAL)
 
 
 class DataHeader:
@@ -210,3 +231,91 @@ class HelloPayload:
 
 
 BIND_LABEL: Final = b"overlay_httpx bind v1:"
+
+
+# -- relay -------------------------------------------------------------------------------
+
+RELAY_HOST: Final = "relay"
+"""The host part of the virtual UDP address of a peer reached through the relay."""
+_RELAY_HEAD: Final = struct.Struct("!B6s")
+RELAY_OVERHEAD: Final = _RELAY_HEAD.size
+
+
+def relay_addr(address: Address) -> tuple[str, int]:
+    """The virtual address a tunnel uses for a peer it reaches through the relay."""
+    return (RELAY_HOST, int(address))
+
+
+def is_relay_addr(addr: tuple[str, int]) -> bool:
+    return addr[0] == RELAY_HOST
+
+
+def relay_wrap(address: Address, inner: bytes) -> bytes:
+    """A datagram for the relay: `address` is the destination (to the relay) or source (from it)."""
+    return _RELAY_HEAD.pack(TYPE_RELAY, address.to_bytes()) + inner
+
+
+def relay_unwrap(data: bytes) -> tuple[Address, bytes] | None:
+    """(address, inner datagram), or None when too short or the address is reserved."""
+    if len(data) < _RELAY_HEAD.size + 1:
+        return None
+    _, raw = _RELAY_HEAD.unpack_from(data)
+    address = Address.from_bytes(raw)
+    if address.is_unspecified or address.is_broadcast:
+        return None
+    return address, data[_RELAY_HEAD.size :]
+
+
+# -- identify and punch -----------------------------------------------------------------
+
+_IDENTIFY_HEAD: Final = struct.Struct("!BB8s")
+_IDENTIFY_BODY: Final = struct.Struct("!32s32s64s6s")
+IDENTIFY_SIZE: Final = _IDENTIFY_HEAD.size + _IDENTIFY_BODY.size
+
+
+def identify_request(nonce: bytes) -> bytes:
+    """Ask a rendezvous for its public identity (padded: an answer is never larger)."""
+    if len(nonce) != 8:
+        raise ValueError("identify nonce must be 8 bytes")
+    head = _IDENTIFY_HEAD.pack(TYPE_IDENTIFY, 0, nonce)
+    return head + bytes(IDENTIFY_SIZE - len(head))
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifyAnswer:
+    """A rendezvous's public keys, the signature binding them, and its overlay address.
+
+    Unauthenticated on purpose (trust on first use); the Noise handshake that
+    follows proves the X25519 key, and the binding signature ties the Ed25519
+    key to it.
+    """
+
+    nonce: bytes
+    x25519: bytes
+    ed25519: bytes
+    binding: bytes
+    address: Address
+
+    def encode(self) -> bytes:
+        return _IDENTIFY_HEAD.pack(TYPE_IDENTIFY, 1, self.nonce) + _IDENTIFY_BODY.pack(
+            self.x25519, self.ed25519, self.binding, self.address.to_bytes()
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> IdentifyAnswer | None:
+        if len(data) != IDENTIFY_SIZE or data[0] != TYPE_IDENTIFY or data[1] != 1:
+            return None
+        _, _, nonce = _IDENTIFY_HEAD.unpack_from(data)
+        x, ed, binding, raw = _IDENTIFY_BODY.unpack_from(data, _IDENTIFY_HEAD.size)
+        return cls(nonce, x, ed, binding, Address.from_bytes(raw))
+
+    @staticmethod
+    def nonce_of_request(data: bytes) -> bytes | None:
+        if len(data) != IDENTIFY_SIZE or data[1] != 0:
+            return None
+        return bytes(data[2:10])
+
+
+def punch_datagram() -> bytes:
+    """A datagram that only opens our NAT towards a peer; receivers drop it."""
+    return bytes([TYPE_PUNCH]) + bytes(7)

@@ -29,6 +29,8 @@ from ._replay import ReplayWindow
 
 __all__ = [
     "NOISE_PROTOCOL",
+    "NOISE_PROTOCOL_PSK",
+    "REFUSAL_LABEL",
     "AcceptedInitiation",
     "LocalKeys",
     "PendingInitiation",
@@ -39,6 +41,8 @@ __all__ = [
 ]
 
 NOISE_PROTOCOL: Final = NoiseProtocol.parse("Noise_IK_25519_AESGCM_SHA256")
+NOISE_PROTOCOL_PSK: Final = NoiseProtocol.parse("Noise_IKpsk2_25519_AESGCM_SHA256")
+"""With a network key: only holders of the pre-shared key can complete a handshake."""
 _PROLOGUE: Final = b"overlay_httpx v1"
 
 
@@ -55,9 +59,12 @@ class LocalKeys:
     static: KeyPair
     mac1_key: bytes  # for messages sent to us
     binding: bytes  # Ed25519 signature over our X25519 key
+    psk: bytes | None = None  # the network key (Noise IKpsk2), when the network has one
 
     @classmethod
-    def create(cls, identity: Identity, address: Address) -> LocalKeys:
+    def create(cls, identity: Identity, address: Address, psk: bytes | None = None) -> LocalKeys:
+        if psk is not None and len(psk) != 32:
+            raise ValueError(f"network key: expected 32 bytes, got {len(psk)}")
         static = KeyPair(identity.x25519_key)
         return cls(
             identity=identity,
@@ -65,6 +72,18 @@ class LocalKeys:
             static=static,
             mac1_key=mac1_key(static.public),
             binding=identity.sign(BIND_LABEL + static.public),
+            psk=psk,
+        )
+
+    def handshake(self, *, initiator: bool, remote_static: bytes | None = None) -> HandshakeState:
+        """A fresh Noise handshake: IK, or IKpsk2 when there is a network key."""
+        return HandshakeState(
+            NOISE_PROTOCOL if self.psk is None else NOISE_PROTOCOL_PSK,
+            initiator=initiator,
+            prologue=_PROLOGUE,
+            s=self.static,
+            rs=remote_static,
+            psks=() if self.psk is None else (self.psk,),
         )
 
     def hello(self, timestamp: int, boot_id: int, params: TransportParameters) -> bytes:
@@ -150,17 +169,18 @@ class PendingInitiation:
         local_index: int,
         hello: bytes,
     ) -> tuple[PendingInitiation, bytes]:
-        hs = HandshakeState(
-            NOISE_PROTOCOL,
-            initiator=True,
-            prologue=_PROLOGUE,
-            s=keys.static,
-            rs=remote_static,
-        )
+        hs = keys.handshake(initiator=True, remote_static=remote_static)
         datagram = HandshakeInit(local_index, hs.write_message(hello)).encode(
             mac1_key(remote_static)
         )
         return cls(hs, local_index), datagram
+
+    def read_refusal(self, response: HandshakeResponse) -> str:
+        """The reason in an authenticated refusal; raises NoiseDecryptError or FrameError."""
+        payload = self.handshake.read_message(response.noise)
+        if not payload.startswith(REFUSAL_LABEL):
+            raise FrameError("refusal without its label")
+        return payload[len(REFUSAL_LABEL) :].decode("utf-8", "replace")
 
     def finish(
         self, response: HandshakeResponse, now: float
@@ -209,12 +229,26 @@ class AcceptedInitiation:
         )
         return session, datagram
 
+    def refuse(self, keys: LocalKeys, reason: str) -> bytes:
+        """A refusal: message 2 of the handshake carrying `reason`, so only the initiator reads it.
+
+        Authenticated like a response (only we can write it), but no session
+        is kept: the keys it derives are thrown away.
+        """
+        noise = self.handshake.write_message(REFUSAL_LABEL + reason.encode()[:200])
+        return HandshakeResponse(0, self.sender_index, noise, refusal=True).encode(
+            mac1_key(self.remote_static)
+        )
+
+
+REFUSAL_LABEL: Final = b"overlay_httpx refused v1:"
+
 
 def accept_initiation(
     keys: LocalKeys, init: HandshakeInit, drop: Callable[[str], None]
 ) -> AcceptedInitiation | None:
     """Run the responder's half of message 1; None (and a counted drop) if it fails."""
-    hs = HandshakeState(NOISE_PROTOCOL, initiator=False, prologue=_PROLOGUE, s=keys.static)
+    hs = keys.handshake(initiator=False)
     try:
         payload = hs.read_message(init.noise)
     except NoiseDecryptError:

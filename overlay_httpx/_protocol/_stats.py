@@ -33,6 +33,8 @@ class TunnelStatistics:
     handshakes: int
     rekeys: int
     path_changes: int
+    path: str = "direct"
+    """"direct", or "relayed" while the tunnel's packets go through the rendezvous."""
 
 
 @dataclass(frozen=True, slots=True)

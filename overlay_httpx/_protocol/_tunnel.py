@@ -39,7 +39,13 @@ from ._frames import (
     is_ack_eliciting,
     parse_frames,
 )
-from ._packet import DATA_HEADER_SIZE, HandshakeResponse, HelloPayload, TransportParameters
+from ._packet import (
+    DATA_HEADER_SIZE,
+    HandshakeResponse,
+    HelloPayload,
+    TransportParameters,
+    is_relay_addr,
+)
 from ._sessions import AcceptedInitiation, LocalKeys, PendingInitiation, Session
 from ._streams import stream_id_parity
 
@@ -50,6 +56,8 @@ __all__ = ["Tunnel", "TunnelState"]
 
 _TAG: Final = 16
 _CLOSE_REPEATS: Final = 2
+_MAX_CHALLENGES: Final = 8
+_MAX_UNCONFIRMED: Final = 3
 _PTO_REHANDSHAKE: Final = 4  # consecutive probe timeouts before we suspect a peer restart
 
 
@@ -86,7 +94,9 @@ class Tunnel:
         self.state: str = TunnelState.IDLE
         self._parity = stream_id_parity(owner.keys.static.public, peer)
         self._session: Session | None = None  # keys we send with
-        self._next_session: Session | None = None  # responder session awaiting confirmation
+        # Responder sessions awaiting confirmation, oldest first: the initiator may have
+        # retried, and it keeps whichever of our responses reaches it first.
+        self._unconfirmed: list[Session] = []
         self._previous: Session | None = None
         self._previous_until = 0.0
         self._pending: dict[int, PendingInitiation] = {}
@@ -98,7 +108,8 @@ class Tunnel:
         self._close_frame: Close | None = None
         self._close_repeats = 0
         self._closed_at: float | None = None
-        self._challenge: tuple[bytes, tuple[str, int]] | None = None
+        self._challenges: dict[bytes, tuple[str, int]] = {}  # outstanding PATH_CHALLENGEs
+        self.candidates: list[tuple[str, int]] = []  # more addresses each initiation goes to
         self._responses: list[tuple[bytes, tuple[str, int]]] = []
         self._raw_out: list[tuple[bytes, tuple[str, int]]] = []
         self._directed: list[tuple[Frame, tuple[str, int]]] = []
@@ -129,7 +140,7 @@ class Tunnel:
         """A new stream to `port`; costs no round trip (the first frame names the port)."""
         self._check_open()
         stream_id = self._conn.open_stream(port)
-        if self.state == TunnelState.IDLE and self._next_session is None:
+        if self.state == TunnelState.IDLE and not self._unconfirmed:
             self._start_handshake(now)
         return stream_id
 
@@ -222,6 +233,9 @@ class Tunnel:
             del self._pending[old]
             self._owner.release_index(old)
         self._raw_out.append((datagram, self.remote_addr))
+        for addr in self.candidates:
+            if addr != self.remote_addr:
+                self._raw_out.append((datagram, addr))
         self._handshake_retry_at = now + self._handshake_interval
         self._handshake_interval *= 2
 
@@ -239,6 +253,9 @@ class Tunnel:
         if pending is None or self.state == TunnelState.CLOSED:
             self._owner.count_drop("unknown_session")
             return
+        if response.refusal:
+            self._on_refusal(pending, response, now)
+            return
         try:
             session, hello, identity = pending.finish(response, now)
         except (NoiseDecryptError, FrameError):
@@ -247,9 +264,46 @@ class Tunnel:
         del self._pending[response.receiver_index]
         self._abandon_initiations()
         self.remote_addr = addr
+        self.candidates.clear()
         self._install(session, hello, identity, now)
         # Key confirmation: the responder starts sending once it hears from us.
         self._conn.queue_ping()
+
+    def _on_refusal(
+        self, pending: PendingInitiation, response: HandshakeResponse, now: float
+    ) -> None:
+        try:
+            reason = pending.read_refusal(response)
+        except (NoiseDecryptError, FrameError):
+            self._owner.count_drop("auth_failure")
+            return
+        self._abandon_initiations()
+        if self.state == TunnelState.ESTABLISHED:
+            return  # a rekey refused: the current keys still work until they time out
+        text = f"refused by the peer's trust policy: {reason}" if reason else "refused by the peer"
+        self._owner.emit(HandshakeFailed(self.peer, text, refused=True))
+        self._finish(now, ERROR_TUNNEL_CLOSED, text, by_peer=True)
+
+    def retry_handshake(self, now: float) -> None:
+        """Send a fresh initiation now (to `remote_addr` and every candidate), if one is running."""
+        if self._handshake_started is not None and self.state != TunnelState.CLOSED:
+            self._send_initiation(now)
+
+    def use_path(self, addr: tuple[str, int]) -> None:
+        """Send to `addr` from now on (before the handshake, or to fall back to the relay)."""
+        self.remote_addr = addr
+
+    def probe_path(self, addr: tuple[str, int]) -> None:
+        """Challenge `addr`; if the peer answers from there, the tunnel moves to it."""
+        if self.state != TunnelState.ESTABLISHED or addr == self.remote_addr:
+            return
+        for token in [t for t, a in self._challenges.items() if a == addr]:
+            del self._challenges[token]  # a probe is a fresh challenge: the last may be lost
+        self._challenge_path(addr)
+
+    @property
+    def is_relayed(self) -> bool:
+        return is_relay_addr(self.remote_addr)
 
     def should_yield_to(self, now: float) -> bool:
         """Simultaneous initiation: True when our own pending initiation wins."""
@@ -266,9 +320,9 @@ class Tunnel:
             self._owner.keys, index, self._hello(now, initiator=False), now
         )
         self.remote_addr = addr
-        if self._next_session is not None:
-            self._owner.release_index(self._next_session.local_index)
-        self._next_session = session
+        self._unconfirmed.append(session)
+        if len(self._unconfirmed) > _MAX_UNCONFIRMED:
+            self._owner.release_index(self._unconfirmed.pop(0).local_index)
         restarted = self._install_identity(accepted.hello, accepted.identity, now)
         self._next_session_restarted = restarted or self._next_session_restarted
         return datagram
@@ -333,11 +387,11 @@ class Tunnel:
             self._owner.emit(StreamMoved(self.peer, old_id, new_id))
 
     def sessions(self) -> list[Session]:
-        return [s for s in (self._session, self._next_session, self._previous) if s is not None]
+        return [s for s in (self._session, *self._unconfirmed, self._previous) if s is not None]
 
     def session_for(self, index: int) -> Session | None:
         """The session our `index` names (runs once per received packet)."""
-        for session in (self._session, self._next_session, self._previous):
+        for session in (self._session, self._previous, *self._unconfirmed):
             if session is not None and session.local_index == index:
                 return session
         return None
@@ -357,8 +411,11 @@ class Tunnel:
                 self._close_repeats += 1
                 self._send_close_again(session)
             return
-        if session is self._next_session:  # the initiator has the keys: confirmed
-            self._next_session = None
+        if session in self._unconfirmed:  # the initiator has the keys: confirmed
+            for other in self._unconfirmed:
+                if other is not session:
+                    self._owner.release_index(other.local_index)
+            self._unconfirmed.clear()
             restarted, self._next_session_restarted = self._next_session_restarted, False
             self._activate(session, now, restarted=restarted)
         try:
@@ -396,18 +453,29 @@ class Tunnel:
     # -- paths ---------------------------------------------------------------------------
 
     def _on_new_path(self, addr: tuple[str, int], counter: int) -> None:
-        if self._challenge is not None and self._challenge[1] == addr:
+        if addr in self._challenges.values():
             return
+        if is_relay_addr(addr) and not self.is_relayed and self._conn.pto_streak < 2:
+            return  # stragglers through the relay: a working direct path is never given up
+        self._challenge_path(addr)
+
+    def _challenge_path(self, addr: tuple[str, int]) -> None:
+        if len(self._challenges) >= _MAX_CHALLENGES:
+            del self._challenges[next(iter(self._challenges))]
         token = os.urandom(8)
-        self._challenge = (token, addr)
+        self._challenges[token] = addr
         self._directed.append((PathChallenge(token), addr))
 
     def _on_path_response(self, frame: PathResponse, addr: tuple[str, int]) -> None:
-        if self._challenge is None or frame.data != self._challenge[0]:
+        target = self._challenges.get(frame.data)
+        if target is None:
             return
+        if is_relay_addr(target) and not self.is_relayed and self._conn.pto_streak < 2:
+            del self._challenges[frame.data]
+            return  # the direct path came back meanwhile: keep it
         old = self.remote_addr
-        self.remote_addr = self._challenge[1]
-        self._challenge = None
+        self.remote_addr = target
+        self._challenges.clear()
         if old != self.remote_addr:
             self.stats_path_changes += 1
             self._owner.emit(PathChanged(self.peer, old, self.remote_addr))
@@ -544,6 +612,7 @@ class Tunnel:
             handshakes=self.stats_handshakes,
             rekeys=self.stats_rekeys,
             path_changes=self.stats_path_changes,
+            path="relayed" if self.is_relayed else "direct",
         )
 
     # -- sending ---------------------------------------------------------------------------
