@@ -11,8 +11,6 @@ ever waits in a queue of ours.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import ipaddress
 import logging
@@ -22,24 +20,24 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final
 
 import anyio
 
 from .._address import Address
 from .._exceptions import (
     LocalProtocolError,
-    NotRegistered,
     OverlayError,
     PortInUse,
     RendezvousUnavailable,
-    UnknownPeer,
 )
 from .._identity import Identity, PublicIdentity
 from .._protocol._config import MAX_DATAGRAM_SIZE, MIN_DATAGRAM_SIZE, TunnelConfig
 from .._protocol._endpoint import Endpoint, TrustCallback
 from .._protocol._stats import TunnelStatistics
 from .._protocol._tunnel import Tunnel
+from ._discovery import PeerBook, PeerInfo, check_tags, make_client
+from ._discovery import network_key as make_network_key
 from ._router import Router
 from ._stream import OverlayListener, OverlayStream, Path
 from ._trust import TrustPolicy
@@ -55,15 +53,6 @@ logger = logging.getLogger("overlay_httpx")
 
 _LOOPBACK_DATAGRAM_SIZE: Final = MAX_DATAGRAM_SIZE
 _ADDRESS_DOMAIN: Final = b"overlay_httpx address v1"
-_TAGS_FRESH: Final = 60.0  # seconds a peer's registered tags are trusted for tag rules
-
-
-class PeerInfo(NamedTuple):
-    """How to reach a peer: its proven keys and its UDP endpoint."""
-
-    address: Address
-    identity: PublicIdentity
-    endpoint: Addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,28 +98,6 @@ def _as_address(value: Address | str) -> Address:
     raise LocalProtocolError(
         f"address {value!r}: expected an Address or text like '1:0001.0001.0001'"
     )
-
-
-def _network_key(value: bytes | str | None) -> bytes | None:
-    """32 bytes, or their hex (64 digits) or base64 text."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            raw = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text, validate=True)
-        except (ValueError, binascii.Error):
-            raw = b""
-    elif isinstance(value, bytes):
-        raw = value
-    else:
-        raw = b""
-    if len(raw) != 32:
-        raise LocalProtocolError(
-            "network_key: expected 32 bytes (or their hex or base64 text), "
-            "e.g. os.urandom(32) shared by every member of the network"
-        )
-    return raw
 
 
 def _check_port(port: object) -> int:
@@ -204,19 +171,14 @@ class Node:
             )
         except ValueError as exc:
             raise LocalProtocolError(str(exc)) from None
-        if trust is not None and not isinstance(trust, TrustPolicy) and not callable(trust):
-            raise LocalProtocolError(
-                f"trust: expected a TrustPolicy or a callable(identity, address), got {trust!r}"
-            )
-        self._trust = trust
-        self._network_key = _network_key(network_key)
+        self._network_key = make_network_key(network_key)
+        self._book = PeerBook(self, trust)
+        self._peers = self._book.static
         self._rv: RendezvousClient | None = None
-        self._rv_peer: PeerInfo | None = None
-        self._discovered: dict[Address, NodeRecord] = {}
-        self._tags: dict[Address, tuple[PublicIdentity, frozenset[str], float]] = {}
-        self._tag_lookups: set[Address] = set()
         if rendezvous is not None:
-            self._rv = _make_client(self, rendezvous, tags, hostname, direct_timeout)
+            self._rv = self._book.client = make_client(
+                self, rendezvous, tags, hostname, direct_timeout
+            )
             if advertise is not None:
                 if isinstance(advertise, str):
                     advertise = [advertise]
@@ -227,7 +189,6 @@ class Node:
             )
         self._buffer_bytes = buffer_bytes
         self._linger = linger
-        self._peers: dict[Address, PeerInfo] = {}
         self._router = Router(self)
         self._endpoint: Endpoint | None = None
         self._udp: UdpSocket | None = None
@@ -256,7 +217,7 @@ class Node:
             self._identity,
             self._address,
             config=self._config,
-            trust=self._admit,
+            trust=self._book.admit,
             timestamp_origin_ns=time.time_ns() - int(now * 1e9),
             network_key=self._network_key,
         )
@@ -390,107 +351,6 @@ class Node:
     def peers(self) -> list[PeerInfo]:
         return list(self._peers.values())
 
-    def _known(self, address: Address) -> PeerInfo | None:
-        """Static peers first, then the rendezvous, then peers with a live tunnel to us."""
-        peer = self._peers.get(address)
-        if peer is not None:
-            return peer
-        if self._rv_peer is not None and self._rv_peer.address == address:
-            return self._rv_peer
-        if self._endpoint is not None:
-            for tunnel in self._endpoint.tunnels():
-                if (
-                    tunnel.peer_address == address
-                    and tunnel.peer_identity is not None
-                    and not tunnel.is_closed
-                ):
-                    return PeerInfo(address, tunnel.peer_identity, tunnel.remote_addr)
-        return None
-
-    async def _locate(self, address: Address, port: int) -> tuple[PeerInfo, NodeRecord | None]:
-        """How to reach `address`: known already, or asked of the rendezvous.
-
-        Asking the rendezvous (op ``connect``) also makes it tell the peer to
-        punch a hole towards us, so the direct path has its best chance.
-        """
-        peer = self._known(address)
-        if peer is not None:
-            return peer, None
-        if self._rv is None:
-            raise UnknownPeer(
-                f"unknown peer {address}: no identity or UDP endpoint known (add it with "
-                f"node.add_peer(address, identity, 'host:port') or give the node a rendezvous)",
-                address=address,
-                port=port,
-            )
-        try:
-            record = await self._rv.record("connect", address=str(address))
-        except NotRegistered:
-            raise UnknownPeer(
-                f"unknown peer {address}: the rendezvous has no live record of it",
-                address=address,
-                port=port,
-            ) from None
-        except RendezvousUnavailable:
-            cached = self._discovered.get(address)  # what we learned before may still work
-            if cached is None:
-                raise
-            record = cached
-        self._learn(record)
-        return PeerInfo(address, record.identity, record.endpoint), record
-
-    def _admit(self, identity: PublicIdentity, address: Address) -> bool | None:
-        """Trust policy, checked on every initiation before any state is kept."""
-        if self._rv_peer is not None and identity == self._rv_peer.identity:
-            return True
-        known = self._peers.get(address)
-        if known is not None and known.identity != identity:
-            logger.debug("refused handshake: %s claimed by a key that is not its own", address)
-            return False
-        trust = self._trust
-        if trust is None:
-            return True
-        if not isinstance(trust, TrustPolicy):
-            return trust(identity, address)
-        if trust.admits_without_tags(identity, address):
-            return True
-        if not trust.needs_tags:
-            return False
-        tags = self._peer_tags(identity, address)
-        return None if tags is None else trust.admits(identity, address, tags)
-
-    def _peer_tags(self, identity: PublicIdentity, address: Address) -> frozenset[str] | None:
-        """The peer's registered tags; None while they are being asked for."""
-        cached = self._tags.get(address)
-        if cached is not None and cached[2] > self._clock():
-            return cached[1] if cached[0] == identity else frozenset()
-        if self._rv is None:
-            return frozenset()
-        if address not in self._tag_lookups:
-            self._tag_lookups.add(address)
-            self._spawn(self._lookup_tags(address))
-        return None
-
-    async def _lookup_tags(self, address: Address) -> None:
-        assert self._rv is not None
-        try:
-            self._learn(await self._rv.record("lookup", address=str(address)))
-        except NotRegistered:
-            self._tags[address] = (self.public, frozenset(), self._clock() + _TAGS_FRESH)
-        except OverlayError as exc:
-            logger.debug("could not look up the tags of %s: %s", address, exc)
-        finally:
-            self._tag_lookups.discard(address)
-
-    def _learn(self, record: NodeRecord) -> None:
-        """Remember what the rendezvous told us about a peer."""
-        self._discovered[record.address] = record
-        self._tags[record.address] = (
-            record.identity,
-            frozenset(record.tags),
-            self._clock() + _TAGS_FRESH,
-        )
-
     # -- discovery (needs rendezvous=) ---------------------------------------------------------
 
     def _client(self) -> RendezvousClient:
@@ -523,7 +383,7 @@ class Node:
     async def set_tags(self, tags: Iterable[str]) -> None:
         """Replace this node's tags at the rendezvous (kept for re-registrations)."""
         client = self._client()
-        checked = _check_tags(tags)
+        checked = check_tags(tags)
         await client.call("set_tags", tags=list(checked))
         client.tags = checked
 
@@ -531,25 +391,25 @@ class Node:
         """Live nodes that carry `tag`, as registered at the rendezvous."""
         records = await self._client().records("find_by_tag", tag=tag)
         for record in records:
-            self._learn(record)
+            self._book.learn(record)
         return records
 
     async def resolve(self, hostname: str) -> NodeRecord:
         """The live node registered under `hostname` (raises `NotRegistered`)."""
         record = await self._client().record("resolve", hostname=hostname)
-        self._learn(record)
+        self._book.learn(record)
         return record
 
     async def lookup(self, address: Address | str) -> NodeRecord:
         """The live record of `address` at the rendezvous (raises `NotRegistered`)."""
         record = await self._client().record("lookup", address=str(_as_address(address)))
-        self._learn(record)
+        self._book.learn(record)
         return record
 
     # -- hooks for the rendezvous client -----------------------------------------------------
 
     def _set_rendezvous(self, address: Address, identity: PublicIdentity, endpoint: Addr) -> None:
-        self._rv_peer = PeerInfo(address, identity, endpoint)
+        self._book.rendezvous = PeerInfo(address, identity, endpoint)
         if self._endpoint is not None:
             self._endpoint.relay = endpoint
 
@@ -587,7 +447,7 @@ class Node:
         endpoint = self._check_running()
         addr = _as_address(address)
         port = _check_port(port)
-        peer, record = await self._locate(addr, port)
+        peer, record = await self._book.locate(addr, port)
         endpoint = self._check_running()
         key = peer.identity.x25519
         while True:
@@ -773,38 +633,3 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node {self._address} {self._state}>"
-
-
-def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
-    from .._exceptions import RegistryProtocolError
-    from .._rendezvous._store import validate_tags
-
-    if isinstance(tags, str):
-        raise LocalProtocolError(f"tags: expected a list of tags, got the string {tags!r}")
-    try:
-        return validate_tags(list(tags))
-    except RegistryProtocolError as exc:
-        raise LocalProtocolError(str(exc)) from None
-
-
-def _make_client(
-    node: Node,
-    rendezvous: str,
-    tags: Iterable[str],
-    hostname: str | None,
-    direct_timeout: float,
-) -> RendezvousClient:
-    """The rendezvous client (imported here: discovery sits above the node layer)."""
-    from .._exceptions import RegistryProtocolError
-    from .._rendezvous._client import RendezvousClient
-    from .._rendezvous._spec import parse_rendezvous
-    from .._rendezvous._store import validate_hostname
-
-    spec = parse_rendezvous(rendezvous)
-    try:
-        name = validate_hostname(hostname)
-    except RegistryProtocolError as exc:
-        raise LocalProtocolError(str(exc)) from None
-    return RendezvousClient(
-        node, spec, tags=_check_tags(tags), hostname=name, direct_timeout=direct_timeout
-    )

@@ -357,7 +357,7 @@ class RendezvousClient:
         except RegistryError as exc:
             logger.debug("ignored a malformed punch from the rendezvous: %s", exc)
             return
-        self._node._learn(record)
+        self._node._book.learn(record)
         tunnel = self._node._tunnel_for(record.identity)
         if tunnel is not None and tunnel.is_established:
             if tunnel.is_relayed:

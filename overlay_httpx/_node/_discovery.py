@@ -1,0 +1,228 @@
+"""What a node knows about its peers, and whom it lets in.
+
+`PeerBook` answers two questions for a `Node`: how to reach an address
+(static peers, the rendezvous, live tunnels, then a rendezvous look-up that
+also asks the peer to punch a hole towards us), and whether an incoming
+handshake is admitted (the trust policy, with registered tags fetched from the
+rendezvous when a rule needs them). Discovery sits above the node layer, so
+the rendezvous client is imported lazily, only by nodes that have one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+from .._address import Address
+from .._exceptions import (
+    LocalProtocolError,
+    NotRegistered,
+    OverlayError,
+    RegistryProtocolError,
+    RendezvousUnavailable,
+    UnknownPeer,
+)
+from .._identity import PublicIdentity
+from .._protocol._endpoint import TrustCallback
+from ._trust import TrustPolicy
+from ._udp import Addr
+
+if TYPE_CHECKING:
+    from .._rendezvous._client import RendezvousClient
+    from .._rendezvous._store import NodeRecord
+    from ._node import Node
+
+__all__ = ["PeerBook", "PeerInfo", "check_tags", "make_client", "network_key"]
+
+logger = logging.getLogger("overlay_httpx")
+
+_TAGS_FRESH: Final = 60.0  # seconds a peer's registered tags are trusted for tag rules
+
+
+class PeerInfo(NamedTuple):
+    """How to reach a peer: its proven keys and its UDP endpoint."""
+
+    address: Address
+    identity: PublicIdentity
+    endpoint: Addr
+
+
+class PeerBook:
+    """Static peers, the rendezvous, what discovery taught us, and the trust policy."""
+
+    def __init__(self, node: Node, trust: TrustPolicy | TrustCallback | None) -> None:
+        if trust is not None and not isinstance(trust, TrustPolicy) and not callable(trust):
+            raise LocalProtocolError(
+                f"trust: expected a TrustPolicy or a callable(identity, address), got {trust!r}"
+            )
+        self._node = node
+        self.trust = trust
+        self.client: RendezvousClient | None = None
+        self.static: dict[Address, PeerInfo] = {}
+        self.rendezvous: PeerInfo | None = None
+        self.discovered: dict[Address, NodeRecord] = {}
+        self._tags: dict[Address, tuple[PublicIdentity, frozenset[str], float]] = {}
+        self._tag_lookups: set[Address] = set()
+
+    def known(self, address: Address) -> PeerInfo | None:
+        """Static peers first, then the rendezvous, then peers with a live tunnel to us."""
+        peer = self.static.get(address)
+        if peer is not None:
+            return peer
+        if self.rendezvous is not None and self.rendezvous.address == address:
+            return self.rendezvous
+        if self._node._endpoint is not None:
+            for tunnel in self._node._endpoint.tunnels():
+                if (
+                    tunnel.peer_address == address
+                    and tunnel.peer_identity is not None
+                    and not tunnel.is_closed
+                ):
+                    return PeerInfo(address, tunnel.peer_identity, tunnel.remote_addr)
+        return None
+
+    async def locate(self, address: Address, port: int) -> tuple[PeerInfo, NodeRecord | None]:
+        """How to reach `address`: known already, or asked of the rendezvous.
+
+        Asking the rendezvous (op ``connect``) also makes it tell the peer to
+        punch a hole towards us, so the direct path has its best chance.
+        """
+        peer = self.known(address)
+        if peer is not None:
+            return peer, None
+        if self.client is None:
+            raise UnknownPeer(
+                f"unknown peer {address}: no identity or UDP endpoint known (add it with "
+                f"node.add_peer(address, identity, 'host:port') or give the node a rendezvous)",
+                address=address,
+                port=port,
+            )
+        try:
+            record = await self.client.record("connect", address=str(address))
+        except NotRegistered:
+            raise UnknownPeer(
+                f"unknown peer {address}: the rendezvous has no live record of it",
+                address=address,
+                port=port,
+            ) from None
+        except RendezvousUnavailable:
+            cached = self.discovered.get(address)  # what we learned before may still work
+            if cached is None:
+                raise
+            record = cached
+        self.learn(record)
+        return PeerInfo(address, record.identity, record.endpoint), record
+
+    def admit(self, identity: PublicIdentity, address: Address) -> bool | None:
+        """Trust policy, checked on every initiation before any state is kept."""
+        if self.rendezvous is not None and identity == self.rendezvous.identity:
+            return True
+        known = self.static.get(address)
+        if known is not None and known.identity != identity:
+            logger.debug("refused handshake: %s claimed by a key that is not its own", address)
+            return False
+        trust = self.trust
+        if trust is None:
+            return True
+        if not isinstance(trust, TrustPolicy):
+            return trust(identity, address)
+        if trust.admits_without_tags(identity, address):
+            return True
+        if not trust.needs_tags:
+            return False
+        tags = self._peer_tags(identity, address)
+        return None if tags is None else trust.admits(identity, address, tags)
+
+    def _peer_tags(self, identity: PublicIdentity, address: Address) -> frozenset[str] | None:
+        """The peer's registered tags; None while they are being asked for."""
+        cached = self._tags.get(address)
+        if cached is not None and cached[2] > self._node._clock():
+            return cached[1] if cached[0] == identity else frozenset()
+        if self.client is None:
+            return frozenset()
+        if address not in self._tag_lookups:
+            self._tag_lookups.add(address)
+            self._node._spawn(self._lookup_tags(address))
+        return None
+
+    async def _lookup_tags(self, address: Address) -> None:
+        assert self.client is not None
+        try:
+            self.learn(await self.client.record("lookup", address=str(address)))
+        except NotRegistered:
+            self._tags[address] = (
+                self._node.public,
+                frozenset(),
+                self._node._clock() + _TAGS_FRESH,
+            )
+        except OverlayError as exc:
+            logger.debug("could not look up the tags of %s: %s", address, exc)
+        finally:
+            self._tag_lookups.discard(address)
+
+    def learn(self, record: NodeRecord) -> None:
+        """Remember what the rendezvous told us about a peer."""
+        self.discovered[record.address] = record
+        self._tags[record.address] = (
+            record.identity,
+            frozenset(record.tags),
+            self._node._clock() + _TAGS_FRESH,
+        )
+
+
+def network_key(value: bytes | str | None) -> bytes | None:
+    """32 bytes, or their hex (64 digits) or base64 text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            raw = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text, validate=True)
+        except (ValueError, binascii.Error):
+            raw = b""
+    elif isinstance(value, bytes):
+        raw = value
+    else:
+        raw = b""
+    if len(raw) != 32:
+        raise LocalProtocolError(
+            "network_key: expected 32 bytes (or their hex or base64 text), "
+            "e.g. os.urandom(32) shared by every member of the network"
+        )
+    return raw
+
+
+def check_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    from .._rendezvous._store import validate_tags
+
+    if isinstance(tags, str):
+        raise LocalProtocolError(f"tags: expected a list of tags, got the string {tags!r}")
+    try:
+        return validate_tags(list(tags))
+    except RegistryProtocolError as exc:
+        raise LocalProtocolError(str(exc)) from None
+
+
+def make_client(
+    node: Node,
+    rendezvous: str,
+    tags: Iterable[str],
+    hostname: str | None,
+    direct_timeout: float,
+) -> RendezvousClient:
+    """The rendezvous client (imported here: discovery sits above the node layer)."""
+    from .._rendezvous._client import RendezvousClient
+    from .._rendezvous._spec import parse_rendezvous
+    from .._rendezvous._store import validate_hostname
+
+    spec = parse_rendezvous(rendezvous)
+    try:
+        name = validate_hostname(hostname)
+    except RegistryProtocolError as exc:
+        raise LocalProtocolError(str(exc)) from None
+    return RendezvousClient(
+        node, spec, tags=check_tags(tags), hostname=name, direct_timeout=direct_timeout
+    )
