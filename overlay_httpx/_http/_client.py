@@ -114,7 +114,12 @@ class H2ClientConnection:
     @property
     def usable(self) -> bool:
         """New requests may start here (not closed, not going away, not failed)."""
-        return not self._closed and self._failure is None and self._goaway_last is None
+        return (
+            not self._closed
+            and self._failure is None
+            and self._goaway_last is None
+            and not self._stream.broken
+        )
 
     @property
     def idle(self) -> bool:

@@ -266,7 +266,11 @@ class Node:
         if self._state != "running":
             return
         if self._rv is not None and self._rv.is_registered:
-            with anyio.move_on_after(0.5), suppress(OverlayError):
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(0.5),
+                suppress(OverlayError, anyio.BrokenResourceError, anyio.ClosedResourceError),
+            ):
                 await self._rv.call("unregister", wait=0.5)  # leave now, not by expiry
         self._state = "closing"
         assert self._endpoint is not None

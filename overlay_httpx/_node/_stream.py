@@ -119,6 +119,11 @@ class OverlayStream(ByteStream):
         self._wake_writer()
 
     @property
+    def broken(self) -> bool:
+        """The tunnel or the peer ended the stream under us (closed, reset, restarted)."""
+        return self._receive_error is not None or self._send_error is not None
+
+    @property
     def _finished(self) -> bool:
         """Nothing more can happen on this stream from our side."""
         return self._closed or (
