@@ -42,6 +42,13 @@ class TunnelConfig:
     max_ack_delay: float = 0.025
     initial_rtt: float = 0.1
     congestion_control: CongestionControl = "bbr"
+    handshake_rate_limit: int = 200
+    """Handshakes per second (Diffie-Hellman work) before initiations need a cookie."""
+    max_pending_handshakes: int = 1024
+    """Answered, unconfirmed handshakes before initiations need a cookie."""
+    handshake_source_rate: float = 20.0
+    """Initiations per second per source IP address while under load."""
+    handshake_source_burst: float = 10.0
 
     def __post_init__(self) -> None:
         if self.congestion_control not in CONGESTION_CONTROLLERS:

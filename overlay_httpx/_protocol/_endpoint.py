@@ -24,9 +24,12 @@ from typing import Final
 from .._address import Address
 from .._identity import Identity, PublicIdentity
 from ._config import TunnelConfig
+from ._cookies import CookieChecker, CookieReply
 from ._events import Event
 from ._packet import (
+    MAC_SIZE,
     RELAY_HOST,
+    TYPE_COOKIE,
     TYPE_DATA,
     TYPE_IDENTIFY,
     TYPE_INIT,
@@ -60,6 +63,7 @@ RelayForwarder = Callable[[bytes, tuple[str, int], float], "tuple[bytes, tuple[s
 """A relay server's hook: given a RELAY datagram and its source, what to send where (or None)."""
 
 _ONE_SECOND_NS: Final = 1_000_000_000
+_MAX_REMEMBERED: Final = 16_384  # initiation timestamps of keys without a tunnel
 
 
 class Endpoint:
@@ -96,6 +100,13 @@ class Endpoint:
         self.relay_forwarder: RelayForwarder | None = None
         self.answer_identify = False
         self.on_identify_answer: Callable[[IdentifyAnswer], None] | None = None
+        cfg = self.config
+        self.cookies = CookieChecker(
+            self.keys.static.public,
+            rate_limit=cfg.handshake_rate_limit,
+            source_rate=cfg.handshake_source_rate,
+            source_burst=cfg.handshake_source_burst,
+        )
         """Tell whoever asks our public identity (a rendezvous does; other nodes stay quiet)."""
 
     @property
@@ -206,6 +217,13 @@ class Endpoint:
                 self._drops["unknown_session"] += 1
                 return
             tunnel.handle_response(response, addr, now)
+        elif kind == TYPE_COOKIE:
+            cookie_index = CookieReply.receiver_index(data)
+            owner = self._indexes.get(cookie_index) if cookie_index is not None else None
+            if cookie_index is None or owner is None:
+                self._drops["unknown_session"] += 1
+                return
+            owner.handle_cookie(data, cookie_index, now)
         elif kind == TYPE_RELAY:
             self._on_relay(data, addr, now)
         elif kind == TYPE_PUNCH:
@@ -251,6 +269,17 @@ class Endpoint:
         if init is None:
             self._drops["bad_mac"] += 1
             return
+        cookies = self.cookies
+        if cookies.under_load(now, self._pending_handshakes(), self.config.max_pending_handshakes):
+            if not cookies.mac2_valid(data, addr, now):
+                mac1 = data[-2 * MAC_SIZE : -MAC_SIZE]
+                self._out.append((cookies.reply(init.sender_index, mac1, addr, now), addr))
+                self._drops["cookie_required"] += 1
+                return
+            if not cookies.allow_source(addr, now):
+                self._drops["handshake_rate_limited"] += 1
+                return
+        cookies.note_handshake()
         accepted = accept_initiation(self.keys, init, self.count_drop)
         if accepted is None:
             return
@@ -266,6 +295,8 @@ class Endpoint:
             if not verdict:
                 self._drops["untrusted"] += 1
                 self._accepted_timestamps[peer] = accepted.hello.timestamp  # no replayed refusals
+                if len(self._accepted_timestamps) > _MAX_REMEMBERED:
+                    self._forget_strangers()
                 self._out.append((accepted.refuse(self.keys, "not admitted"), addr))
                 return
         tunnel = self._tunnels.get(peer)
@@ -276,6 +307,18 @@ class Endpoint:
         if tunnel is None or tunnel.is_closed:
             tunnel = self._tunnels[peer] = Tunnel(self, peer, addr)
         self._out.append((tunnel.handle_initiation(accepted, addr, now), addr))
+
+    def _forget_strangers(self) -> None:
+        """Bound the replay memory: keep the timestamps of keys we have tunnels with."""
+        self._accepted_timestamps = {
+            k: v for k, v in self._accepted_timestamps.items() if k in self._tunnels
+        }
+
+    def _pending_handshakes(self) -> int:
+        """Tunnels that only exist because we answered a handshake (cheap when few tunnels)."""
+        if len(self._tunnels) < self.config.max_pending_handshakes:
+            return len(self._tunnels)  # an upper bound is enough below the limit
+        return sum(1 for t in self._tunnels.values() if t.awaiting_confirmation)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
         out = self._out
@@ -311,6 +354,9 @@ class Endpoint:
                 for session in tunnel.sessions():
                     self.release_index(session.local_index)
                 del self._tunnels[peer]
+                if not tunnel.ever_established:
+                    # Nothing to protect against replays for: keep memory bounded under floods.
+                    self._accepted_timestamps.pop(peer, None)
 
     @property
     def dropped(self) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "MAC_SIZE",
     "RELAY_HOST",
     "RESPONSE_SIZE_MIN",
+    "TYPE_COOKIE",
     "TYPE_DATA",
     "TYPE_IDENTIFY",
     "TYPE_INIT",
@@ -59,6 +60,7 @@ TYPE_DATA: Final = 0x04
 TYPE_RELAY: Final = 0x05
 TYPE_IDENTIFY: Final = 0x06
 TYPE_PUNCH: Final = 0x07
+TYPE_COOKIE: Final = 0x08
 MAC_SIZE: Final = 16
 _LABEL_MAC1: Final = b"overlay_httpx mac1 v1"
 
@@ -97,9 +99,13 @@ class HandshakeInit:
     sender_index: int
     noise: bytes
 
-    def encode(self, receiver_mac1_key: bytes) -> bytes:
+    def encode(self, receiver_mac1_key: bytes, cookie: bytes | None = None) -> bytes:
+        """The datagram; with a `cookie` from the receiver, mac2 proves our source address."""
         body = _INIT_HEAD.pack(TYPE_INIT, VERSION, 0, self.sender_index) + self.noise
-        return body + compute_mac1(receiver_mac1_key, body) + bytes(MAC_SIZE)
+        body += compute_mac1(receiver_mac1_key, body)
+        if cookie is None:
+            return body + bytes(MAC_SIZE)
+        return body + hashlib.blake2s(body, key=cookie, digest_size=MAC_SIZE).digest()
 
     @classmethod
     def decode(cls, data: bytes, own_mac1_key: bytes) -> HandshakeInit | None:

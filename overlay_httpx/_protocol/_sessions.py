@@ -18,6 +18,7 @@ from .._identity import Identity, PublicIdentity
 from .._noise import CipherState, HandshakeState, KeyPair, NoiseProtocol
 from ._packet import (
     BIND_LABEL,
+    MAC_SIZE,
     DataHeader,
     HandshakeInit,
     HandshakeResponse,
@@ -155,11 +156,12 @@ class Session:
 class PendingInitiation:
     """An initiation we sent and whose response we await."""
 
-    __slots__ = ("handshake", "local_index")
+    __slots__ = ("handshake", "local_index", "mac1")
 
-    def __init__(self, handshake: HandshakeState, local_index: int) -> None:
+    def __init__(self, handshake: HandshakeState, local_index: int, mac1: bytes) -> None:
         self.handshake = handshake
         self.local_index = local_index
+        self.mac1 = mac1  # binds a cookie reply to this initiation
 
     @classmethod
     def start(
@@ -168,12 +170,13 @@ class PendingInitiation:
         remote_static: bytes,
         local_index: int,
         hello: bytes,
+        cookie: bytes | None = None,
     ) -> tuple[PendingInitiation, bytes]:
         hs = keys.handshake(initiator=True, remote_static=remote_static)
         datagram = HandshakeInit(local_index, hs.write_message(hello)).encode(
-            mac1_key(remote_static)
+            mac1_key(remote_static), cookie
         )
-        return cls(hs, local_index), datagram
+        return cls(hs, local_index, datagram[-2 * MAC_SIZE : -MAC_SIZE]), datagram
 
     def read_refusal(self, response: HandshakeResponse) -> str:
         """The reason in an authenticated refusal; raises NoiseDecryptError or FrameError."""

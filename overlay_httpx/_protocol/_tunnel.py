@@ -18,6 +18,7 @@ from .._address import Address
 from .._exceptions import FrameError, LocalProtocolError, NoiseDecryptError, RemoteProtocolError
 from .._identity import PublicIdentity
 from ._connection import Connection, ConnectionOwner
+from ._cookies import COOKIE_LIFETIME, CookieReply, cookie_key
 from ._events import (
     ERROR_IDLE_TIMEOUT,
     ERROR_NO_ERROR,
@@ -97,6 +98,8 @@ class Tunnel:
         # Responder sessions awaiting confirmation, oldest first: the initiator may have
         # retried, and it keeps whichever of our responses reaches it first.
         self._unconfirmed: list[Session] = []
+        self._unconfirmed_until: float | None = None  # a responder-only tunnel gives up then
+        self._cookie: tuple[bytes, float] | None = None  # from the peer, while it is under load
         self._previous: Session | None = None
         self._previous_until = 0.0
         self._pending: dict[int, PendingInitiation] = {}
@@ -224,8 +227,11 @@ class Tunnel:
 
     def _send_initiation(self, now: float) -> None:
         index = self._owner.new_index(self)
+        cookie = None
+        if self._cookie is not None and now - self._cookie[1] < COOKIE_LIFETIME:
+            cookie = self._cookie[0]
         pending, datagram = PendingInitiation.start(
-            self._owner.keys, self.peer, index, self._hello(now, initiator=True)
+            self._owner.keys, self.peer, index, self._hello(now, initiator=True), cookie
         )
         self._pending[index] = pending
         while len(self._pending) > 3:  # keep the latest few for late responses
@@ -284,6 +290,21 @@ class Tunnel:
         self._owner.emit(HandshakeFailed(self.peer, text, refused=True))
         self._finish(now, ERROR_TUNNEL_CLOSED, text, by_peer=True)
 
+    def handle_cookie(self, data: bytes, index: int, now: float) -> None:
+        """The peer is under load: keep its cookie and initiate again, proving our address."""
+        pending = self._pending.get(index)
+        if pending is None or self.state == TunnelState.CLOSED:
+            self._owner.count_drop("unknown_session")
+            return
+        cookie = CookieReply.open(cookie_key(self.peer), data, pending.mac1)
+        if cookie is None:
+            self._owner.count_drop("auth_failure")
+            return
+        fresh = self._cookie is None or self._cookie[0] != cookie
+        self._cookie = (cookie, now)
+        if fresh:
+            self._send_initiation(now)
+
     def retry_handshake(self, now: float) -> None:
         """Send a fresh initiation now (to `remote_addr` and every candidate), if one is running."""
         if self._handshake_started is not None and self.state != TunnelState.CLOSED:
@@ -300,6 +321,15 @@ class Tunnel:
         for token in [t for t, a in self._challenges.items() if a == addr]:
             del self._challenges[token]  # a probe is a fresh challenge: the last may be lost
         self._challenge_path(addr)
+
+    @property
+    def awaiting_confirmation(self) -> bool:
+        """We answered the peer's handshake and it has not used the keys yet."""
+        return self._unconfirmed_until is not None
+
+    @property
+    def ever_established(self) -> bool:
+        return self.stats_handshakes > 0
 
     @property
     def is_relayed(self) -> bool:
@@ -323,6 +353,8 @@ class Tunnel:
         self._unconfirmed.append(session)
         if len(self._unconfirmed) > _MAX_UNCONFIRMED:
             self._owner.release_index(self._unconfirmed.pop(0).local_index)
+        if self.state != TunnelState.ESTABLISHED:
+            self._unconfirmed_until = now + self._config.handshake_timeout
         restarted = self._install_identity(accepted.hello, accepted.identity, now)
         self._next_session_restarted = restarted or self._next_session_restarted
         return datagram
@@ -412,6 +444,7 @@ class Tunnel:
                 self._send_close_again(session)
             return
         if session in self._unconfirmed:  # the initiator has the keys: confirmed
+            self._unconfirmed_until = None
             for other in self._unconfirmed:
                 if other is not session:
                     self._owner.release_index(other.local_index)
@@ -538,6 +571,8 @@ class Tunnel:
                 candidates.append(keepalive)
         if self._previous is not None:
             candidates.append(self._previous_until)
+        if self._unconfirmed_until is not None:
+            candidates.append(self._unconfirmed_until)
         return min(candidates) if candidates else None
 
     def handle_timer(self, now: float) -> None:
@@ -554,6 +589,15 @@ class Tunnel:
         if self._previous is not None and now >= self._previous_until:
             self._owner.release_index(self._previous.local_index)
             self._previous = None
+        if self._unconfirmed_until is not None and now >= self._unconfirmed_until:
+            self._unconfirmed_until = None
+            if self.state == TunnelState.IDLE and not self._pending:
+                # We answered, and the initiator never used the keys: forget it all.
+                for session in self._unconfirmed:
+                    self._owner.release_index(session.local_index)
+                self._unconfirmed.clear()
+                self._finish(now, ERROR_TUNNEL_CLOSED, "handshake never confirmed", by_peer=False)
+                return
         if self.state != TunnelState.ESTABLISHED:
             return
         if now >= self._last_received + cfg.idle_timeout:

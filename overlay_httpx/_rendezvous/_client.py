@@ -228,6 +228,10 @@ class RendezvousClient:
                     with anyio.move_on_after(delay):
                         await event.wait()
                     delay = min(delay * 2, 1.0)
+        except TimeoutError:
+            raise RendezvousUnavailable(
+                f"no answer from {endpoint[0]}:{endpoint[1]} within {_CALL_TIMEOUT:g} s"
+            ) from None
         finally:
             del self._identify[nonce]
         return box[0]

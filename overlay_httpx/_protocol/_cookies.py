@@ -1,0 +1,162 @@
+"""Handshake flood protection: stateless cookies (WireGuard's mac2) and per-source limits.
+
+A responder does Diffie-Hellman work for every initiation that passes mac1,
+and mac1 only proves knowledge of the responder's public key. Under load
+(more handshakes per second than `handshake_rate_limit`, or too many
+handshakes that were answered and never confirmed) it stops doing that work
+for initiations without a valid `mac2` and answers them with a small COOKIE
+datagram instead: no state is kept, and the reply is smaller than the
+initiation, so a spoofed source gains nothing. The cookie is a MAC of the
+sender's IP address and port under a secret that changes every two minutes;
+only a sender that really receives at that address can learn it and prove
+it in the `mac2` of its next initiation. Initiations with a valid `mac2` are
+then rate-limited per source IP address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ._packet import MAC_SIZE, TYPE_COOKIE
+
+__all__ = ["COOKIE_SIZE", "CookieChecker", "CookieReply", "compute_mac2", "cookie_key"]
+
+_LABEL: Final = b"overlay_httpx cookie v1"
+_SECRET_LIFETIME: Final = 120.0
+COOKIE_LIFETIME: Final = _SECRET_LIFETIME - 10.0
+"""How long an initiator uses a cookie it was given."""
+# type(1) reserved(3) receiver_index(4) nonce(12) enc(cookie)(16 + 16)
+_HEAD: Final = struct.Struct("!B3xI12s")
+COOKIE_SIZE: Final = _HEAD.size + MAC_SIZE + 16
+_MAX_SOURCES: Final = 4096
+
+
+def cookie_key(responder_static: bytes) -> bytes:
+    """The AEAD key for cookie replies from the owner of `responder_static`."""
+    return hashlib.blake2s(_LABEL + responder_static).digest()
+
+
+def compute_mac2(cookie: bytes, data_before_mac2: bytes) -> bytes:
+    return hashlib.blake2s(data_before_mac2, key=cookie, digest_size=MAC_SIZE).digest()
+
+
+class CookieReply:
+    """Build and open COOKIE datagrams (the reply to an initiation sent while under load)."""
+
+    @staticmethod
+    def build(key: bytes, receiver_index: int, cookie: bytes, init_mac1: bytes) -> bytes:
+        nonce = os.urandom(12)
+        sealed = AESGCM(key).encrypt(nonce, cookie, init_mac1)
+        return _HEAD.pack(TYPE_COOKIE, receiver_index, nonce) + sealed
+
+    @staticmethod
+    def receiver_index(data: bytes) -> int | None:
+        if len(data) != COOKIE_SIZE:
+            return None
+        return int(_HEAD.unpack_from(data)[1])
+
+    @staticmethod
+    def open(key: bytes, data: bytes, init_mac1: bytes) -> bytes | None:
+        """The cookie, or None when the reply is not for the initiation with `init_mac1`."""
+        if len(data) != COOKIE_SIZE:
+            return None
+        _, _, nonce = _HEAD.unpack_from(data)
+        try:
+            return AESGCM(key).decrypt(nonce, data[_HEAD.size :], init_mac1)
+        except InvalidTag:
+            return None
+
+
+class _Bucket:
+    __slots__ = ("tokens", "updated")
+
+    def __init__(self, tokens: float, now: float) -> None:
+        self.tokens = tokens
+        self.updated = now
+
+
+class CookieChecker:
+    """The responder's side: load accounting, cookies, mac2 checks and per-source buckets."""
+
+    def __init__(
+        self,
+        static_public: bytes,
+        *,
+        rate_limit: int,
+        source_rate: float,
+        source_burst: float,
+    ) -> None:
+        self._reply_key = cookie_key(static_public)
+        self._rate_limit = rate_limit
+        self._source_rate = source_rate
+        self._source_burst = source_burst
+        self._secrets: list[bytes] = [os.urandom(32)]
+        self._secret_born: float | None = None
+        self._window_start = 0.0
+        self._window_count = 0
+        self._sources: dict[str, _Bucket] = {}
+        self.cookies_sent = 0
+
+    def under_load(self, now: float, pending: int, max_pending: int) -> bool:
+        if now - self._window_start >= 1.0:
+            self._window_start = now
+            self._window_count = 0
+        return self._window_count >= self._rate_limit or pending >= max_pending
+
+    def note_handshake(self) -> None:
+        """One initiation got as far as Diffie-Hellman work."""
+        self._window_count += 1
+
+    def _rotate(self, now: float) -> None:
+        if self._secret_born is None:
+            self._secret_born = now
+        elif now - self._secret_born >= _SECRET_LIFETIME:
+            self._secrets = [os.urandom(32), self._secrets[0]]
+            self._secret_born = now
+
+    @staticmethod
+    def _cookie(secret: bytes, addr: tuple[str, int]) -> bytes:
+        source = f"{addr[0]}|{addr[1]}".encode()
+        return hashlib.blake2s(source, key=secret, digest_size=MAC_SIZE).digest()
+
+    def mac2_valid(self, data: bytes, addr: tuple[str, int], now: float) -> bool:
+        self._rotate(now)
+        mac2 = data[-MAC_SIZE:]
+        if mac2 == bytes(MAC_SIZE):
+            return False
+        body = data[:-MAC_SIZE]
+        return any(
+            hmac.compare_digest(compute_mac2(self._cookie(secret, addr), body), mac2)
+            for secret in self._secrets
+        )
+
+    def reply(
+        self, sender_index: int, init_mac1: bytes, addr: tuple[str, int], now: float
+    ) -> bytes:
+        self._rotate(now)
+        self.cookies_sent += 1
+        cookie = self._cookie(self._secrets[0], addr)
+        return CookieReply.build(self._reply_key, sender_index, cookie, init_mac1)
+
+    def allow_source(self, addr: tuple[str, int], now: float) -> bool:
+        """Token bucket per source IP address, for initiations that carried a valid mac2."""
+        bucket = self._sources.get(addr[0])
+        if bucket is None:
+            if len(self._sources) >= _MAX_SOURCES:
+                self._sources.clear()  # bounded memory; a flood restarts everyone's buckets
+            bucket = self._sources[addr[0]] = _Bucket(self._source_burst, now)
+        bucket.tokens = min(
+            self._source_burst, bucket.tokens + (now - bucket.updated) * self._source_rate
+        )
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
