@@ -139,6 +139,7 @@ class Node:
         hostname: str | None = None,
         advertise: Iterable[str | tuple[str, int]] | None = None,
         direct_timeout: float = 1.0,
+        max_tunnels: int = 4096,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         linger: float = 2.0,
     ) -> None:
@@ -168,6 +169,7 @@ class Node:
                 persistent_keepalive=persistent_keepalive,
                 idle_timeout=idle_timeout,
                 handshake_timeout=handshake_timeout,
+                max_tunnels=max_tunnels,
             )
         except ValueError as exc:
             raise LocalProtocolError(str(exc)) from None

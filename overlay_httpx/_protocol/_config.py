@@ -42,6 +42,8 @@ class TunnelConfig:
     max_ack_delay: float = 0.025
     initial_rtt: float = 0.1
     congestion_control: CongestionControl = "bbr"
+    max_tunnels: int = 4096
+    """Tunnels (peers) at once; beyond it new peers are refused and connects fail."""
     handshake_rate_limit: int = 200
     """Handshakes per second (Diffie-Hellman work) before initiations need a cookie."""
     max_pending_handshakes: int = 1024

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Final
 
 from .._address import Address
+from .._exceptions import LocalProtocolError
 from .._identity import Identity, PublicIdentity
 from ._config import TunnelConfig
 from ._cookies import CookieChecker, CookieReply
@@ -166,6 +167,11 @@ class Endpoint:
         if key == self.keys.static.public:
             raise ValueError("cannot open a tunnel to ourselves")
         tunnel = self._tunnels.get(key)
+        if tunnel is None and len(self._tunnels) >= self.config.max_tunnels:
+            raise LocalProtocolError(
+                f"cannot open a tunnel: this node's limit of {self.config.max_tunnels} "
+                "tunnels is reached"
+            )
         if tunnel is None or tunnel.is_closed:
             tunnel = self._tunnels[key] = Tunnel(self, key, addr)
         tunnel.connect(now)
@@ -297,8 +303,13 @@ class Endpoint:
                 self._accepted_timestamps[peer] = accepted.hello.timestamp  # no replayed refusals
                 if len(self._accepted_timestamps) > _MAX_REMEMBERED:
                     self._forget_strangers()
-                self._out.append((accepted.refuse(self.keys, "not admitted"), addr))
+                self._out.append((accepted.refuse(self.keys, "its trust policy does not admit us"), addr))
                 return
+        if peer not in self._tunnels and len(self._tunnels) >= self.config.max_tunnels:
+            self._drops["tunnel_limit"] += 1
+            reason = f"its limit of {self.config.max_tunnels} tunnels is reached"
+            self._out.append((accepted.refuse(self.keys, reason), addr))
+            return
         tunnel = self._tunnels.get(peer)
         if tunnel is not None and not tunnel.is_closed and tunnel.should_yield_to(now):
             self._drops["simultaneous_initiation"] += 1

@@ -286,7 +286,7 @@ class Tunnel:
         self._abandon_initiations()
         if self.state == TunnelState.ESTABLISHED:
             return  # a rekey refused: the current keys still work until they time out
-        text = f"refused by the peer's trust policy: {reason}" if reason else "refused by the peer"
+        text = f"refused the tunnel: {reason}" if reason else "refused the tunnel"
         self._owner.emit(HandshakeFailed(self.peer, text, refused=True))
         self._finish(now, ERROR_TUNNEL_CLOSED, text, by_peer=True)
 

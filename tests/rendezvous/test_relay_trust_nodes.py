@@ -13,6 +13,7 @@ from _filter_nat import FilteringNat
 from overlay_httpx import (
     HandshakeTimeout,
     Identity,
+    LocalProtocolError,
     Node,
     OverlayAttribute,
     OverlayTransport,
@@ -182,3 +183,26 @@ async def test_only_holders_of_the_network_key_complete_a_handshake() -> None:
                 await outsider.connect(other_member.address, 80)
             group.cancel_scope.cancel()
         assert other_member.statistics().tunnels[0].peer_address == member.address
+
+
+async def test_the_tunnel_limit_refuses_new_peers_clearly_and_keeps_serving_the_others() -> None:
+    async with (
+        Node(Identity.generate(), max_tunnels=1) as service,
+        Node(Identity.generate()) as first,
+        Node(Identity.generate()) as second,
+    ):
+        for caller in (first, second):
+            caller.add_peer(service.address, service.public, service.endpoint)
+        listener = await service.listen(80)
+        async with anyio.create_task_group() as group:
+            group.start_soon(_upper, listener)
+            stream = await first.connect(service.address, 80)
+            with anyio.fail_after(3), pytest.raises(TrustRefused, match="limit of 1 tunnels"):
+                await second.connect(service.address, 80)
+            service.add_peer(second.address, second.public, second.endpoint)
+            with pytest.raises(LocalProtocolError, match="limit of 1 tunnels"):
+                await service.connect(second.address, 80)
+            await stream.send_eof()
+            assert (await stream.receive()).startswith(b"0 ")  # the first peer is still served
+            group.cancel_scope.cancel()
+        assert service.statistics().drops["tunnel_limit"] == 1
