@@ -303,7 +303,8 @@ class Endpoint:
                 self._accepted_timestamps[peer] = accepted.hello.timestamp  # no replayed refusals
                 if len(self._accepted_timestamps) > _MAX_REMEMBERED:
                     self._forget_strangers()
-                self._out.append((accepted.refuse(self.keys, "its trust policy does not admit us"), addr))
+                refusal = accepted.refuse(self.keys, "its trust policy does not admit us")
+                self._out.append((refusal, addr))
                 return
         if peer not in self._tunnels and len(self._tunnels) >= self.config.max_tunnels:
             self._drops["tunnel_limit"] += 1
