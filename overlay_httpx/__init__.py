@@ -37,6 +37,7 @@ from ._exceptions import (
 )
 from ._http import AddressResolver, NodeResolver, OverlayTransport, Resolver
 from ._identity import Identity, PublicIdentity
+from ._metrics import OverlayCollector, RequestCounter, metrics_app, prometheus_text
 from ._node import (
     Node,
     NodeStatistics,
@@ -73,6 +74,7 @@ __all__ = [
     "NoiseStateError",
     "NotRegistered",
     "OverlayAttribute",
+    "OverlayCollector",
     "OverlayError",
     "OverlayListener",
     "OverlayServer",
@@ -89,6 +91,7 @@ __all__ = [
     "Rendezvous",
     "RendezvousStatistics",
     "RendezvousUnavailable",
+    "RequestCounter",
     "Resolver",
     "SqliteStore",
     "Store",
@@ -99,6 +102,8 @@ __all__ = [
     "TunnelClosed",
     "TunnelError",
     "UnknownPeer",
-    "__version__",
+    "metrics_app",
+    "prometheus_text",
     "serve",
+    "__version__",
 ]

@@ -35,6 +35,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
+from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
@@ -309,9 +310,12 @@ class Connection:
             scope = build_scope(event.headers, self._info)
         except BadRequest as exc:
             logger.debug("bad request from %s on stream %d: %s", self._peer, sid, exc.reason)
-            simple_response(self, sid, exc.status, exc.reason)
-            if event.stream_ended is None:
-                h2.reset_stream(sid, ErrorCodes.NO_ERROR)  # we will not read the body
+            try:
+                simple_response(self, sid, exc.status, exc.reason)
+                if event.stream_ended is None:
+                    h2.reset_stream(sid, ErrorCodes.NO_ERROR)  # we will not read the body
+            except H2ProtocolError:
+                pass  # later frames of the same read closed the stream: only it is lost
             return
         request = Request(self, sid, scope)
         self.requests[sid] = request
