@@ -102,8 +102,8 @@ __all__ = [
     "TunnelClosed",
     "TunnelError",
     "UnknownPeer",
+    "__version__",
     "metrics_app",
     "prometheus_text",
     "serve",
-    "__version__",
 ]
