@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import anyio
 from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
@@ -18,7 +20,7 @@ async def echo(body: dict[str, object]) -> dict[str, object]:
 
 @app.get("/bytes/{mib}")
 async def blob(mib: int) -> Response:
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(mib):
             yield BLOCK
 
@@ -27,7 +29,7 @@ async def blob(mib: int) -> Response:
 
 @app.get("/sse")
 async def sse() -> StreamingResponse:
-    async def tokens():  # type: ignore[no-untyped-def]
+    async def tokens() -> AsyncIterator[bytes]:
         yield b"data: first\n\n"
         for i in range(3):
             await anyio.sleep(0.001)
