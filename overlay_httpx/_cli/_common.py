@@ -164,7 +164,8 @@ def add_node_options(parser: argparse.ArgumentParser, *, register: bool = True) 
         metavar="PATH",
         help=f"identity file (default: ${IDENTITY_ENV}, else "
         "$XDG_CONFIG_HOME/overlay_httpx/identity or ~/.config/overlay_httpx/identity, "
-        "created with mode 0600 on first use); an explicit PATH must exist "
+        "created with mode 0600 on first use; find, request and status use a throwaway "
+        "key unless given one); an explicit PATH must exist "
         "(make one with 'overlay-httpx keygen --out PATH')",
     )
     group.add_argument(
@@ -206,6 +207,13 @@ def add_node_options(parser: argparse.ArgumentParser, *, register: bool = True) 
 
 def _load_identity(args: argparse.Namespace) -> Identity:
     explicit: str | None = args.identity
+    if explicit is None and getattr(args, "throwaway_identity", False):
+        if not os.environ.get(IDENTITY_ENV):
+            # A one-off client (find, request, status) must not share the key of a
+            # long-running node of the same user: two live processes with one key
+            # are one peer to everyone, and would unseat each other at the rendezvous.
+            return Identity.generate()
+        explicit = os.environ[IDENTITY_ENV]
     try:
         if explicit is not None:
             return Identity.load(explicit)

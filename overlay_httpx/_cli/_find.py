@@ -48,7 +48,7 @@ def add_parser(
     what.add_argument("--name", dest="find_name", metavar="NAME", help="the node named NAME")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     add_node_options(parser, register=False)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, throwaway_identity=True)
 
 
 def run(args: argparse.Namespace) -> int:

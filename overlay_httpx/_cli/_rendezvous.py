@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import sys
 from pathlib import Path
 
 import anyio
@@ -17,7 +18,7 @@ from .._exceptions import IdentityError, OverlayError
 from .._identity import Identity
 from .._rendezvous import Rendezvous
 from ._common import positive_float, udp_endpoint
-from ._errors import CliError
+from ._errors import PROG, CliError
 from ._runtime import announce, until_signal
 
 __all__ = ["add_parser"]
@@ -133,6 +134,13 @@ async def _main(identity: Identity, args: argparse.Namespace) -> int:
                 "spec": f"{server.public}@{host}:{port}",
             },
         )
+        if host in ("0.0.0.0", "::"):
+            print(
+                f"{PROG} rendezvous: note: replace {host} in the spec with an address of this "
+                "host that the nodes can reach (better: --listen that address)",
+                file=sys.stderr,
+                flush=True,
+            )
         return await until_signal(anyio.sleep_forever)
     finally:
         await server.aclose()

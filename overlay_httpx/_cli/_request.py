@@ -107,7 +107,7 @@ def add_parser(
         "-i", "--include", action="store_true", help="print the status line and headers too"
     )
     add_node_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, throwaway_identity=True)
 
 
 def _read_body(text: str, option: str) -> bytes:

@@ -59,7 +59,7 @@ def add_parser(
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     add_node_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, throwaway_identity=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ __all__ = ["NodeResolver"]
 
 _TAG_SUFFIX: Final = ".tag.overlay"
 _SUFFIX: Final = ".overlay"
+_FAILED_FOR: Final = 30.0  # seconds a node whose tunnel failed is tried last
 
 
 class NodeResolver:
@@ -37,6 +38,7 @@ class NodeResolver:
         self._ttl = ttl
         self._cache: dict[str, tuple[float, list[Address]]] = {}
         self._turn = itertools.count()
+        self._failed: dict[Address, float] = {}
 
     async def resolve(self, host: str) -> Sequence[Address]:
         host = host.lower()
@@ -60,7 +62,16 @@ class NodeResolver:
         if len(addresses) > 1:  # spread requests: each call starts one further along
             start = next(self._turn) % len(addresses)
             addresses = addresses[start:] + addresses[:start]
+            if self._failed:  # nodes whose tunnel failed lately go last
+                addresses.sort(key=lambda a: self._failed.get(a, 0.0) > now)
         return addresses
+
+    def failed(self, address: Address) -> None:
+        """The transport could not reach `address`: try it last for a while."""
+        self._failed[address] = anyio.current_time() + _FAILED_FOR
+        if len(self._failed) > 1024:
+            now = anyio.current_time()
+            self._failed = {a: t for a, t in self._failed.items() if t > now}
 
     async def _look_up(self, host: str) -> list[Address]:
         if host.endswith(_TAG_SUFFIX):

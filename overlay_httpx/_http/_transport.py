@@ -245,6 +245,8 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             try:
                 return await self._connection(request, address, port)
             except (httpx.ConnectError, httpx.ConnectTimeout):
+                if isinstance(self._resolver, NodeResolver):
+                    self._resolver.failed(address)
                 if i + 1 >= tries:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover

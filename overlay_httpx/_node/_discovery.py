@@ -39,7 +39,8 @@ __all__ = ["PeerBook", "PeerInfo", "check_tags", "make_client", "network_key"]
 
 logger = logging.getLogger("overlay_httpx")
 
-_TAGS_FRESH: Final = 60.0  # seconds a peer's registered tags are trusted for tag rules
+_TAGS_FRESH: Final = 60.0  # seconds a peer's registered record is trusted for admission
+_MAX_REMEMBERED: Final = 4096  # records kept from discovery and look-ups
 
 
 class PeerInfo(NamedTuple):
@@ -117,24 +118,59 @@ class PeerBook:
         return PeerInfo(address, record.identity, record.endpoint), record
 
     def admit(self, identity: PublicIdentity, address: Address) -> bool | None:
-        """Trust policy, checked on every initiation before any state is kept."""
+        """Trust policy, checked on every initiation before any state is kept.
+
+        The address in a handshake is only a claim. It is believed when it is
+        the one derived from the key, when `add_peer` (or the rendezvous's
+        own entry) binds it to this key, or when the rendezvous's record
+        does; a claim those contradict is refused. Address and network rules
+        count only for a believed address.
+        """
         if self.rendezvous is not None and identity == self.rendezvous.identity:
             return True
-        known = self.static.get(address)
-        if known is not None and known.identity != identity:
+        status = self._address_status(identity, address)
+        if status == "false":
             logger.debug("refused handshake: %s claimed by a key that is not its own", address)
             return False
+        if status == "pending":
+            return None
         trust = self.trust
         if trust is None:
             return True
         if not isinstance(trust, TrustPolicy):
             return trust(identity, address)
-        if trust.admits_without_tags(identity, address):
+        if trust.admits_key(identity):
+            return True
+        if status == "proven" and trust.admits_address(address):
             return True
         if not trust.needs_tags:
             return False
         tags = self._peer_tags(identity, address)
-        return None if tags is None else trust.admits(identity, address, tags)
+        return None if tags is None else trust.admits_tags(tags)
+
+    def _address_status(self, identity: PublicIdentity, address: Address) -> str:
+        """ "proven", "false" (another key owns it), "pending" (being asked) or "unverified"."""
+        from ._node import default_address
+
+        if default_address(identity, address.network) == address:
+            return "proven"
+        known = self.static.get(address)
+        if known is None and self.rendezvous is not None and self.rendezvous.address == address:
+            known = self.rendezvous
+        if known is not None:
+            return "proven" if known.identity == identity else "false"
+        if self.client is None:
+            return "unverified"  # nobody to ask: address and network rules will not count
+        cached = self._tags.get(address)
+        if cached is not None and cached[2] > self._node._clock():
+            return "proven" if cached[0] == identity else "false"
+        self._ask_about(address)
+        return "pending"
+
+    def _ask_about(self, address: Address) -> None:
+        if address not in self._tag_lookups:
+            self._tag_lookups.add(address)
+            self._node._spawn(self._lookup_tags(address))
 
     def _peer_tags(self, identity: PublicIdentity, address: Address) -> frozenset[str] | None:
         """The peer's registered tags; None while they are being asked for."""
@@ -143,16 +179,16 @@ class PeerBook:
             return cached[1] if cached[0] == identity else frozenset()
         if self.client is None:
             return frozenset()
-        if address not in self._tag_lookups:
-            self._tag_lookups.add(address)
-            self._node._spawn(self._lookup_tags(address))
+        self._ask_about(address)
         return None
 
     async def _lookup_tags(self, address: Address) -> None:
         assert self.client is not None
         try:
             self.learn(await self.client.record("lookup", address=str(address)))
-        except NotRegistered:
+        except NotRegistered:  # no live record: the address is nobody's, the claim unproven
+            if len(self._tags) >= _MAX_REMEMBERED:
+                del self._tags[next(iter(self._tags))]
             self._tags[address] = (
                 self._node.public,
                 frozenset(),
@@ -164,7 +200,11 @@ class PeerBook:
             self._tag_lookups.discard(address)
 
     def learn(self, record: NodeRecord) -> None:
-        """Remember what the rendezvous told us about a peer."""
+        """Remember what the rendezvous told us about a peer (a bounded memory)."""
+        for table in (self.discovered, self._tags):
+            if len(table) >= _MAX_REMEMBERED:
+                del table[next(iter(table))]  # the oldest entry
+        self.discovered.pop(record.address, None)
         self.discovered[record.address] = record
         self._tags[record.address] = (
             record.identity,

@@ -90,15 +90,21 @@ class TrustPolicy:
     def needs_tags(self) -> bool:
         return bool(self.tags)
 
-    def admits_without_tags(self, identity: PublicIdentity, address: Address) -> bool:
-        return (
-            address in self.addresses or identity in self.keys or address.network in self.networks
-        )
+    def admits_key(self, identity: PublicIdentity) -> bool:
+        return identity in self.keys
+
+    def admits_address(self, address: Address) -> bool:
+        """For an address the node has verified (see `Node` on how addresses are believed)."""
+        return address in self.addresses or address.network in self.networks
+
+    def admits_tags(self, tags: frozenset[str]) -> bool:
+        return not self.tags.isdisjoint(tags)
 
     def admits(
         self, identity: PublicIdentity, address: Address, tags: frozenset[str] = _NO_TAGS
     ) -> bool:
-        return self.admits_without_tags(identity, address) or not self.tags.isdisjoint(tags)
+        """All rules at once, for an address already verified."""
+        return self.admits_key(identity) or self.admits_address(address) or self.admits_tags(tags)
 
     def __repr__(self) -> str:
         parts = [

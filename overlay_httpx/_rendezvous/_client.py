@@ -42,7 +42,7 @@ from .._protocol._packet import (
 )
 from ._messages import MessageDecoder, Push, Request, Response, encode, parse_message, request
 from ._spec import REGISTRY_PORT, RendezvousSpec
-from ._store import NodeRecord, format_endpoint
+from ._store import NodeRecord, format_endpoint, parse_endpoint_text
 
 if TYPE_CHECKING:
     from .._node._node import Node
@@ -142,11 +142,10 @@ class RendezvousClient:
                 if isinstance(exc, (AddressTaken, HostnameTaken)):
                     self.refused = exc
                     logger.error("rendezvous %s refused our registration: %s", self._spec, exc)
-                elif isinstance(exc, _TRANSIENT):
+                else:  # unreachable, restarted, or misbehaving: keep trying, never crash the node
                     self.last_error = str(exc) or type(exc).__name__
-                    logger.info("rendezvous %s: %s; retrying in %.1f s", self._spec, exc, backoff)
-                else:
-                    raise
+                    log = logger.info if isinstance(exc, _TRANSIENT) else logger.warning
+                    log("rendezvous %s: %s; retrying in %.1f s", self._spec, exc, backoff)
             finally:
                 self._disconnected()
                 self.first_attempt.set()
@@ -199,8 +198,7 @@ class RendezvousClient:
         ttl = result.get("ttl")
         if not isinstance(observed, str) or not isinstance(ttl, (int, float)) or ttl <= 0:
             raise RegistryProtocolError("register: answer lacks 'endpoint' or 'ttl'")
-        host, _, port = observed.rpartition(":")
-        self.observed = (host.strip("[]"), int(port))
+        self.observed = parse_endpoint_text(observed, field="endpoint")
         self.ttl = float(ttl)
         self.registrations += 1
         logger.debug("registered with rendezvous %s as seen from %s", self._spec, observed)
@@ -287,10 +285,11 @@ class RendezvousClient:
         timeout = wait  # for the answer; the connection is waited for less after a failure
         if self.first_attempt.is_set():
             wait = min(wait, _RECONNECT_WAIT)
-        with anyio.move_on_after(wait):
-            while self._stream is None:
-                await self._connected.wait()
-        stream = self._stream
+        if op != "register":  # everything else waits until the registration is answered
+            with anyio.move_on_after(wait):
+                while not self.is_registered:
+                    await self._connected.wait()
+        stream = self._stream if (op == "register" or self.is_registered) else None
         if stream is None:
             raise RendezvousUnavailable(
                 f"rendezvous {self._spec} is not reachable ({self.last_error or 'no answer'})"

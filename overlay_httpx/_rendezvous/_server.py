@@ -27,13 +27,14 @@ import anyio
 
 from .._address import Address
 from .._exceptions import (
+    AddressTaken,
     NotRegistered,
     OverlayError,
     RegistryError,
     RegistryProtocolError,
 )
 from .._identity import Identity, PublicIdentity
-from .._node._node import Node
+from .._node._node import Node, default_address
 from .._node._stream import OverlayAttribute, OverlayStream
 from .._protocol._packet import RELAY_OVERHEAD, relay_unwrap, relay_wrap
 from ._messages import MessageDecoder, Request, encode, error, ok, parse_message, push
@@ -54,6 +55,11 @@ __all__ = ["Rendezvous", "RendezvousStatistics"]
 
 logger = logging.getLogger("overlay_httpx")
 
+MAX_FOUND: Final = 100
+"""Records in one find_by_tag answer (sorted by address); keeps it inside one message."""
+_PUNCH_RATE: Final = 5.0  # punch pushes per second a node may cause (bursts of 10)
+_PUNCH_BURST: Final = 10.0
+_REBUILD_EVERY: Final = 1.0  # seconds between rebuilds of the endpoint map on unknown sources
 _SESSION_OPS: Final = frozenset(
     {"heartbeat", "set_tags", "lookup", "resolve", "find_by_tag", "connect", "unregister"}
 )
@@ -98,9 +104,10 @@ class _Bucket:
 class _Session:
     """One node's open control stream."""
 
-    __slots__ = ("address", "bucket", "identity", "lock", "stream")
+    __slots__ = ("address", "bucket", "identity", "lock", "punches", "stream")
 
     def __init__(self, stream: OverlayStream, bucket: _Bucket) -> None:
+        self.punches = _Bucket(_PUNCH_RATE, _PUNCH_BURST)  # punch pushes it may cause
         self.stream = stream
         self.address = stream.peer_address
         self.identity = stream.peer_identity
@@ -133,10 +140,11 @@ class Rendezvous:
         network_key: bytes | str | None = None,
         relay_rate: float = 8_000_000.0,
         relay_burst: float = 1_000_000.0,
+        max_nodes: int = 65_536,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._identity = identity or Identity.generate()
-        self._node = Node(self._identity, bind=bind, network_key=network_key)
+        self._node = Node(self._identity, bind=bind, network_key=network_key, max_tunnels=max_nodes)
         self._db = db
         self._store: Store | None = store
         self._ttl = ttl
@@ -149,6 +157,7 @@ class Rendezvous:
         self._relayed_bytes = 0
         self._relay_drops: Counter[str] = Counter()
         self._arrivals: dict[Address, anyio.Event] = {}
+        self._rebuilt_at = -math.inf
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -252,16 +261,28 @@ class Rendezvous:
                     for message in messages:
                         if isinstance(message, Request):
                             await self._send(session, self._answer(session, message))
-        except (OverlayError, anyio.BrokenResourceError, anyio.EndOfStream):
+        except (
+            OverlayError,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            anyio.EndOfStream,
+        ):
             pass
+        except Exception:  # one session's bug must never end the registry for everyone
+            logger.exception("rendezvous: the session of %s failed", session.address)
         finally:
             if self._sessions.get(session.address) is session:
                 del self._sessions[session.address]
             self._by_endpoint = {}
 
     async def _send(self, session: _Session, message: dict[str, object]) -> None:
+        try:
+            data = encode(message)
+        except ValueError as exc:  # an answer too large for one message, say
+            ident = message.get("id", 0)
+            data = encode(error(ident if isinstance(ident, int) else 0, "internal", str(exc)))
         async with session.lock:
-            await session.stream.send(encode(message))
+            await session.stream.send(data)
 
     def _answer(self, session: _Session, req: Request) -> dict[str, object]:
         try:
@@ -293,7 +314,19 @@ class Rendezvous:
             hostname=validate_hostname(req.args.get("hostname")),
             last_seen=now,
         )
-        store.claim(record.address, record.identity)
+        try:
+            store.claim(record.address, record.identity)
+        except AddressTaken:
+            if record.address != default_address(record.identity, record.address.network):
+                raise
+            # An address derived from a key belongs to that key, whoever claimed it first:
+            # knowing someone's public key must not let anyone squat their address.
+            logger.warning("rendezvous: %s reclaimed by the key it derives from", record.address)
+            store.evict(record.address)
+            squatter = self._sessions.pop(record.address, None)
+            if squatter is not None and squatter is not session:
+                squatter.stream.close()
+            store.claim(record.address, record.identity)
         store.put(record)
         old = self._sessions.get(record.address)
         self._sessions[record.address] = session
@@ -368,13 +401,16 @@ class Rendezvous:
 
     def _op_find_by_tag(self, session: _Session, req: Request) -> object:
         tag = validate_tag(req.args.get("tag"))
-        return [r.to_json() for r in self.store.by_tag(tag, self._clock())]
+        records = self.store.by_tag(tag, self._clock())[:MAX_FOUND]  # one answer fits a frame
+        return [r.to_json() for r in records]
 
     def _op_connect(self, session: _Session, req: Request) -> object:
         """The target's record for the caller; the caller's record pushed to the target."""
         target = self._find(req.args.get("address"))
         peer = self._sessions.get(target.address)
-        if peer is not None:
+        if peer is not None and session.punches.take(1, time.monotonic()):
+            # Rate-limited: each push makes the target send datagrams to endpoints the
+            # caller chose, which must not become a reflector.
             me = self._refresh(session)
             message = encode(push("punch", {"peer": me.to_json()}))
             self._node._spawn(self._push(peer, message))
@@ -408,9 +444,13 @@ class Rendezvous:
     ) -> tuple[bytes, tuple[str, int]] | None:
         source = self._session_at(addr)
         if source is None:
-            self._by_endpoint = {}  # a node may have moved: rebuild on the next datagram
-            self._relay_drops["unknown_source"] += 1
-            return None
+            if now - self._rebuilt_at >= _REBUILD_EVERY:  # a node may have moved
+                self._rebuilt_at = now
+                self._by_endpoint = {s.endpoint: s for s in self._sessions.values()}
+                source = self._by_endpoint.get(addr)
+            if source is None:
+                self._relay_drops["unknown_source"] += 1
+                return None
         unwrapped = relay_unwrap(data)
         if unwrapped is None:
             self._relay_drops["malformed"] += 1

@@ -303,6 +303,10 @@ class Store(Protocol):
         """Drop the presence record of `address` (its claim stays)."""
         ...
 
+    def evict(self, address: Address) -> None:
+        """Drop the claim of `address` and its record (for an owner with a stronger right)."""
+        ...
+
     def expire(self, now: float) -> int:
         """Delete records that are no longer live (claims stay); return how many."""
         ...
@@ -543,6 +547,11 @@ class SqliteStore:
         with self._transaction(write=True) as conn:
             conn.execute("DELETE FROM tags WHERE address = ?", (int(address),))
             conn.execute("DELETE FROM records WHERE address = ?", (int(address),))
+
+    def evict(self, address: Address) -> None:
+        with self._transaction(write=True) as conn:
+            for table in ("tags", "records", "claims"):
+                conn.execute(f"DELETE FROM {table} WHERE address = ?", (int(address),))
 
     def expire(self, now: float) -> int:
         dead = "SELECT address FROM records WHERE last_seen + ? <= ?"

@@ -206,3 +206,42 @@ async def test_the_tunnel_limit_refuses_new_peers_clearly_and_keeps_serving_the_
             assert (await stream.receive()).startswith(b"0 ")  # the first peer is still served
             group.cancel_scope.cancel()
         assert service.statistics().drops["tunnel_limit"] == 1
+
+
+async def test_an_address_rule_is_not_fooled_by_a_claimed_address() -> None:
+    victim_id, mallory_id = Identity.generate(), Identity.generate()
+    async with Rendezvous() as rv, Node(victim_id, rendezvous=rv.spec) as victim:
+        address = victim.address  # derived from the victim's key
+        policy = TrustPolicy(addresses=[address])
+        async with (
+            Node(Identity.generate(), trust=policy) as lonely_service,
+            Node(Identity.generate(), rendezvous=rv.spec, trust=policy) as service,
+            Node(mallory_id, address=address) as mallory,
+        ):
+            await lonely_service.listen(80)
+            await service.listen(80)
+            for target in (lonely_service, service):
+                mallory.add_peer(target.address, target.public, target.endpoint)
+                with anyio.fail_after(3), pytest.raises(TrustRefused):
+                    await mallory.connect(target.address, 80)
+            # The real owner is admitted by the same rule (its address is its key's).
+            victim.add_peer(service.address, service.public, service.endpoint)
+            stream = await victim.connect(service.address, 80)
+            await stream.aclose()
+
+
+async def test_a_chosen_address_is_believed_once_the_rendezvous_vouches_for_it() -> None:
+    from overlay_httpx import Address
+
+    chosen = Address(1, 0x00010042)
+    async with Rendezvous() as rv:
+        policy = TrustPolicy(addresses=[chosen])
+        async with (
+            Node(Identity.generate(), address=chosen, rendezvous=rv.spec) as caller,
+            Node(Identity.generate(), rendezvous=rv.spec, trust=policy) as service,
+        ):
+            await service.listen(80)
+            caller.add_peer(service.address, service.public, service.endpoint)
+            with anyio.fail_after(3):  # one look-up at the rendezvous, then the retry gets in
+                stream = await caller.connect(service.address, 80)
+            await stream.aclose()

@@ -179,3 +179,67 @@ async def test_node_options_for_discovery_are_checked() -> None:
             await plain.find_by_tag("x")
         with pytest.raises(UnknownPeer, match="rendezvous"):
             await plain.connect(Address(1, 5), 80)
+
+
+async def test_one_broken_session_never_takes_the_registry_down() -> None:
+    from overlay_httpx._rendezvous import REGISTRY_PORT
+    from overlay_httpx._rendezvous._messages import encode, request
+
+    async with (
+        Rendezvous() as rv,
+        Node(Identity.generate(), rendezvous=rv.spec, tags=["t"]) as node,
+    ):
+        # A second control stream from the same node registers again: the first
+        # session is closed under its pending receive.
+        extra = await node.connect(rv.address, REGISTRY_PORT)
+        await extra.send(encode(request(1, "register", tags=["t"])))
+        await extra.receive()
+        # Many records for one tag: the answer is capped to fit one message.
+        async with Node(Identity.generate(), rendezvous=rv.spec) as other:
+            for i in range(150):
+                rv.store.claim(_fake(i).address, _fake(i).identity)
+                rv.store.put(_fake(i))
+            found = await other.find_by_tag("t")
+            assert 0 < len(found) <= 100
+            assert (await other.lookup(node.address)).address == node.address
+
+
+def _fake(i: int):  # type: ignore[no-untyped-def]
+    import time
+
+    from overlay_httpx import Address
+    from overlay_httpx._rendezvous import NodeRecord
+
+    return NodeRecord(
+        address=Address(1, 0x00100000 + i),
+        identity=_KEYS[i],
+        endpoint=("127.0.0.1", 1000 + i),
+        local_endpoints=(),
+        tags=("t",),
+        hostname=None,
+        last_seen=time.time(),
+    )
+
+
+_KEYS = [Identity.generate().public for _ in range(150)]
+
+
+async def test_an_address_derived_from_a_key_cannot_be_squatted() -> None:
+    victim_id = Identity.generate()
+    async with Rendezvous() as rv:
+        from overlay_httpx._node import default_address
+
+        stolen = default_address(victim_id.public)
+        async with Node(Identity.generate(), address=stolen, rendezvous=rv.spec):
+            assert (await _lookup(rv, stolen)).identity != victim_id.public  # squatted...
+            async with Node(victim_id, rendezvous=rv.spec) as victim:
+                assert victim.statistics().registered  # ...until the owner shows up
+                assert (await _lookup(rv, stolen)).identity == victim_id.public
+
+
+async def _lookup(rv: Rendezvous, address: Address):  # type: ignore[no-untyped-def]
+    import time
+
+    record = rv.store.get(address, time.time())
+    assert record is not None
+    return record
