@@ -24,3 +24,10 @@ def test_node_echo(
     runpy.run_path(str(EXAMPLES / "node_echo.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "echoed 1048576 bytes intact=True" in out
+
+
+def test_fastapi_client(capsys: pytest.CaptureFixture[str]) -> None:
+    runpy.run_path(str(EXAMPLES / "fastapi_client.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.startswith("200 {'text': 'echo: hello', 'caller': '1:")
+    assert "path direct, rtt" in out
