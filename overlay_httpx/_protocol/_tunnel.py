@@ -60,6 +60,8 @@ _CLOSE_REPEATS: Final = 2
 _MAX_CHALLENGES: Final = 8
 _MAX_UNCONFIRMED: Final = 3
 _PTO_REHANDSHAKE: Final = 4  # consecutive probe timeouts before we suspect a peer restart
+_SILENCE_PTOS: Final = 4  # ...or this many probe intervals without a word from the peer
+_MIN_SILENCE: Final = 1.0  # seconds, at least
 
 
 class TunnelState:
@@ -108,6 +110,7 @@ class Tunnel:
         self._handshake_interval = self._config.handshake_retry
         self._last_received = 0.0
         self._last_sent = 0.0
+        self._waiting_since: float | None = None  # first eliciting send the peer has not answered
         self._close_frame: Close | None = None
         self._close_repeats = 0
         self._closed_at: float | None = None
@@ -458,6 +461,7 @@ class Tunnel:
             return
         self._conn.on_packet_received(len(datagram))
         self._last_received = now
+        self._waiting_since = None
         if addr != self.remote_addr:
             self._on_new_path(addr, counter)
         ack_eliciting = False
@@ -569,6 +573,9 @@ class Tunnel:
             keepalive = self._keepalive_due()
             if keepalive is not None:
                 candidates.append(keepalive)
+            suspect = self._suspect_restart_at()
+            if suspect is not None:
+                candidates.append(suspect)
         if self._previous is not None:
             candidates.append(self._previous_until)
         if self._unconfirmed_until is not None:
@@ -603,18 +610,25 @@ class Tunnel:
         if now >= self._last_received + cfg.idle_timeout:
             self._finish(now, ERROR_IDLE_TIMEOUT, "idle timeout", by_peer=False)
             return
-        if (
-            self._conn.handle_loss_timer(now)
-            and self._conn.pto_streak >= _PTO_REHANDSHAKE
-            and not self._pending
-        ):
-            # Silence after repeated probes: the peer may have restarted and
-            # forgotten our session. A fresh handshake finds out.
+        probed_out = (
+            self._conn.handle_loss_timer(now) and self._conn.pto_streak >= _PTO_REHANDSHAKE
+        )
+        suspect = self._suspect_restart_at()
+        if (probed_out or (suspect is not None and now >= suspect)) and not self._pending:
+            # Silence after repeated probes, or while requests keep coming (each re-arms
+            # the probe timer): the peer may have restarted and forgotten our session.
+            # A fresh handshake finds out.
             self._conn.pto_streak = 0
             self._start_handshake(now)
         keepalive = self._keepalive_due()
         if keepalive is not None and now >= keepalive:
             self._conn.queue_ping()
+
+    def _suspect_restart_at(self) -> float | None:
+        """When silence after our unanswered packets means the peer may have restarted."""
+        if self._waiting_since is None or self._pending:
+            return None
+        return self._waiting_since + max(_SILENCE_PTOS * self._conn.pto_interval(), _MIN_SILENCE)
 
     def _handshake_timed_out(self, now: float) -> None:
         self._abandon_initiations()
@@ -710,4 +724,6 @@ class Tunnel:
         datagram = self._seal_frames(session, frames)
         self._conn.on_packet_sent(pn, frames, len(datagram), now, eliciting)
         self._last_sent = now
+        if self._waiting_since is None and eliciting is not False:
+            self._waiting_since = now
         return datagram

@@ -428,3 +428,30 @@ def test_stop_sending_in_the_opening_packet_is_honoured() -> None:
     # B's application hears of the stop right after the stream itself.
     told = [type(e) for e in b.events if getattr(e, "stream_id", None) == sid]
     assert told[:2] == [StreamOpened, StreamStopSending]
+
+
+def test_a_restarted_peer_is_noticed_under_steady_traffic() -> None:
+    """New requests keep arming the probe timer afresh, so probe timeouts alone never
+    pile up; silence while data is outstanding must be enough to suspect a restart."""
+    from overlay_httpx._protocol._endpoint import Endpoint
+
+    net, a, b = make_pair()
+    _echo_round_trip(net, a, b, 1000)
+    tunnel = a.endpoint.tunnel(b.endpoint.public)
+    assert tunnel is not None
+    old = b.endpoint
+    fresh = Endpoint(old.keys.identity, old.address, config=old.config, timestamp_origin_ns=10**18)
+    fresh.listen(80)
+    b.endpoint = fresh
+    b.streams.clear()
+    restart_at = net.now
+    states = []
+    for _ in range(60):  # a new small request every 50 ms for 3 s
+        sid = tunnel.open_stream(80, net.now)
+        a.write(tunnel, sid, b"request", fin=True)
+        states.append(a.state(tunnel, sid))
+        net.run_for(0.05)
+    restarted = [e for e in a.of(HandshakeCompleted) if e.peer_restarted]
+    assert restarted, "the restart went unnoticed while requests kept coming"
+    assert net.run(until=lambda: all(s.eof for s in states[-10:]), timeout=10)
+    assert net.now - restart_at < 6
