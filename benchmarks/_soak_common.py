@@ -144,7 +144,7 @@ class CountingTransport(OverlayTransport):
         if attempt > 1 and log is not None:
             request_id = request.headers.get(ID_HEADER, "-")
             log.write(f"{time.time():.6f}", request_id, attempt, request.method, request.url)
-        response: httpx.Response = await super()._exchange(request, conn)  # type: ignore[misc]
+        response: httpx.Response = await super()._exchange(request, conn)
         return response
 
 

@@ -35,7 +35,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -108,7 +108,7 @@ class Load:
         self.args = args
 
     async def chain(self, n: int) -> None:
-        request_id = f"c{n:06d}"
+        request_id = f"{self.args.prefix}c{n:06d}"
         url = f"{ORCHESTRATOR}/chain"
         request = self.client.build_request(
             "POST", url, json={"audio_b64": AUDIO}, headers={ID_HEADER: request_id}
@@ -135,7 +135,7 @@ class Load:
         self.recorder.end(record)
 
     async def health(self, n: int) -> None:
-        request_id = f"g{n:06d}"
+        request_id = f"{self.args.prefix}g{n:06d}"
         url = HEALTH_TARGETS[n % len(HEALTH_TARGETS)]
         kind = "health:" + url.split("//")[1].split(".")[0]
         self.recorder.start(request_id, kind, "GET", url)
@@ -176,7 +176,9 @@ class Load:
         self.recorder.end(record)
 
 
-async def paced(rate: float, job: Callable[[int], Awaitable[None]], stop: anyio.Event) -> None:
+async def paced(
+    rate: float, job: Callable[[int], Coroutine[Any, Any, None]], stop: anyio.Event
+) -> None:
     """Start ``job(n)`` every 1/`rate` s (open loop) until `stop`; wait for them all."""
     if rate <= 0:
         return
@@ -240,6 +242,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=10.0, help="POST /chain per second")
     p.add_argument("--health-rate", type=float, default=4.0, help="GET /health per second")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request attempt")
+    p.add_argument("--prefix", default="", help="prefix of every request id")
     p.add_argument("--get-retries", type=int, default=2, help="client retries of a GET")
     p.add_argument("--get-backoff", type=float, default=0.25, help="seconds x retry number")
     return p.parse_args(argv)

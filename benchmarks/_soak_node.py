@@ -72,7 +72,7 @@ async def run_node(args: argparse.Namespace) -> None:
     if role == "orchestrator":
         if args.retry_log:
             CountingTransport.retry_log = AppendLog(args.retry_log)
-        orchestrator_module.OverlayTransport = CountingTransport  # type: ignore[misc]
+        orchestrator_module.OverlayTransport = CountingTransport  # type: ignore[attr-defined]
         tags = ["orchestrator"]
     else:
         tags = ["model-service", role]

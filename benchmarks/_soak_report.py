@@ -56,6 +56,12 @@ class Phase:
     windows: list[Window]
     events: list[tuple[float, str]] = field(default_factory=list)
     skipped: str | None = None
+    inject: float = 0.0
+    """When the fault was injected (its fault window starts a short lead-in earlier)."""
+    settled_s: float | None = None
+    """Seconds after the recovery window until the live health check passed (None: never)."""
+    reset: bool = False
+    """Whether every process was restarted after this phase, because it did not recover."""
 
 
 @dataclass
@@ -102,6 +108,8 @@ _PATTERNS = (
     (re.compile(r"\b\d{1,3}(\.\d{1,3}){3}:\d+\b"), "<ip:port>"),
     (re.compile(r"\b[0-9a-f]{4}(:[0-9a-f]{4}){3}\b"), "<fingerprint>"),
     (re.compile(r"\b\d+(\.\d+)?\s?(ms|s)\b"), "<t>"),
+    (re.compile(r"\b\d{9,}\.\d+\b"), "<time>"),
+    (re.compile(r"ovid1_[A-Za-z0-9_-]{20,}"), "<identity>"),
 )
 
 
@@ -233,11 +241,65 @@ def analyse(logs: Logs, phases: Sequence[Phase], baseline: Window) -> dict[str, 
     unanswered = sorted(set(logs.starts) - set(logs.ends))
     return {
         "windows": results,
+        "recovery": {p.name: recovery(p, logs) for p in phases if p.windows},
         "total": everything,
         "unanswered": unanswered,
         "per_service": duplicates_per_service(logs),
         "stage_retries": len(logs.stage_retries),
     }
+
+
+def recovery(phase: Phase, logs: Logs) -> dict[str, Any]:
+    """When chains started failing and when they stopped, in seconds from the injection.
+
+    ``clean_from_s`` is the start of the first successful chain after the last failed
+    one (None when the phase ended on a failure: not recovered within its windows).
+    """
+    start, end = phase.windows[0].start, phase.windows[-1].end
+    chains = sorted(
+        (r for r in logs.ends.values() if r["kind"] == "chain" and start <= r["t0"] < end),
+        key=lambda r: float(r["t0"]),
+    )
+    failed = [r for r in chains if r.get("outcome") != "ok"]
+    out: dict[str, Any] = {"chains": len(chains), "failed": len(failed)}
+    if not failed:
+        return {**out, "first_failure_s": None, "last_failure_s": None, "clean_from_s": 0.0}
+    last = float(failed[-1]["t0"])
+    after = next((r for r in chains if float(r["t0"]) > last and r.get("outcome") == "ok"), None)
+    return {
+        **out,
+        "first_failure_s": round(float(failed[0]["t0"]) - phase.inject, 2),
+        "last_failure_s": round(last - phase.inject, 2),
+        "clean_from_s": None if after is None else round(float(after["t0"]) - phase.inject, 2),
+    }
+
+
+def recovery_table(phases: Sequence[Phase], recoveries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per phase: how long chains kept failing after the fault, and whether it healed."""
+    lines = [
+        "| phase | chains | failed | first failure | last failure | clean from "
+        "| healthy after the windows | then |",
+        "|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+
+    def at(value: float | None) -> str:
+        return "-" if value is None else f"{value:+.1f} s"
+
+    for p in phases:
+        if not p.windows:
+            continue
+        r = recoveries[p.name]
+        clean = at(r["clean_from_s"]) if r["clean_from_s"] is not None else "not recovered"
+        if p.settled_s is None:
+            healthy = "no"
+        else:
+            healthy = "yes" if p.settled_s < 0.5 else f"{p.settled_s:.1f} s later"
+        then = "every process restarted" if p.reset else "-"
+        lines.append(
+            f"| {p.name} | {r['chains']} | {r['failed']} | {at(r['first_failure_s'])} "
+            f"| {at(r['last_failure_s'])} | {clean} | {healthy} | {then} |"
+        )
+    return "\n".join(lines)
 
 
 def _ms(value: float | None) -> str:

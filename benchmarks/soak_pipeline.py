@@ -30,7 +30,7 @@ measures what an application actually sees under those faults.
 How to run (root, for the network namespace and the loss phase; without root it runs
 in the current namespace and skips the loss phase, saying so)::
 
-    .venv/bin/python benchmarks/soak_pipeline.py                 # ~3 minutes
+    .venv/bin/python benchmarks/soak_pipeline.py                 # ~2.5 minutes
     .venv/bin/python benchmarks/soak_pipeline.py --quick         # ~1 minute, for smoke tests
     .venv/bin/python benchmarks/soak_pipeline.py --json soak.json --workdir /tmp/soak
 
@@ -72,6 +72,7 @@ from _soak_report import (
     normalise,
     phase_table,
     read_logs,
+    recovery_table,
     service_table,
     summary_table,
 )
@@ -242,17 +243,19 @@ class Soak:
         self.workdir = workdir
         self.tg = tg
         self.children: dict[str, Child] = {}
-        self.history: list[Child] = []
-        self.ports = dict(NETNS_PORTS) if args.in_netns else {r: free_udp_port() for r in ALL_ROLES}
+        self.binds = dict(NETNS_PORTS) if args.in_netns else {r: free_udp_port() for r in ALL_ROLES}
+        self.ports = dict(self.binds)  # where each node is now (a rebinding moves it)
         self.spec = ""
         self.stderr_files: dict[str, IO[bytes]] = {}
         self.loss_active = False
+        self.codes: list[tuple[str, int | None]] = []  # every stopped process's exit code
+        self.resets = 0
 
     # processes
 
     def command(self, role: str) -> list[str]:
         key = str(self.workdir / f"{role}.key")
-        bind = f"127.0.0.1:{self.ports[role]}"
+        bind = f"127.0.0.1:{self.binds[role]}"
         script = str(HERE / "_soak_node.py")
         if role == "rendezvous":
             db = str(self.workdir / "registry.db")
@@ -282,18 +285,19 @@ class Soak:
         )
         child = Child(role, process)
         self.children[role] = child
-        self.history.append(child)
         self.tg.start_soon(child.read)
         return child
 
     async def start(self, role: str) -> Child:
         child = await self.spawn(role, self.command(role))
         info = await child.wait_ready()
+        self.ports[role] = self.binds[role]
         if role == "rendezvous":
             self.spec = info["spec"]
         return child
 
     async def start_all(self) -> None:
+        self.ports = dict(self.binds)
         step("starting rendezvous")
         await self.start("rendezvous")
         print(f"ok  {self.spec.split('@')[1]}")
@@ -310,21 +314,35 @@ class Soak:
         command += ["--out", str(self.workdir / "load.jsonl"), "--rate", str(self.args.rate)]
         command += ["--health-rate", str(self.args.health_rate)]
         command += ["--timeout", str(self.args.timeout)]
+        if self.resets:  # request ids stay unique across load generators
+            command += ["--prefix", f"r{self.resets}-"]
         await (await self.spawn("load", command)).wait_ready()
         print("ok")
 
-    async def stop_all(self) -> dict[str, int | None]:
-        codes: dict[str, int | None] = {}
-        load = self.children.get("load")
-        if load is not None:
-            codes["load"] = await load.stop(grace=self.args.timeout + 15.0)
-        for role in ("orchestrator", "image", "llm", "stt", "rendezvous"):
-            child = self.children.get(role)
+    async def stop_all(self, *, hurry: bool = False) -> None:
+        """Stop the load generator (it drains its requests), then the pipeline, in order.
+
+        With `hurry` (Ctrl-C) the load generator gets 5 s to drain, not a full timeout.
+        """
+        for role in ("load", "orchestrator", "image", "llm", "stt", "rendezvous"):
+            child = self.children.pop(role, None)
             if child is not None:
-                codes[role] = await child.stop()
+                grace = 10.0
+                if role == "load" and not hurry:
+                    grace = self.args.timeout + 15.0
+                self.codes.append((role, await child.stop(grace)))
+
+    def close(self) -> None:
         for file in self.stderr_files.values():
             file.close()
-        return codes
+
+    async def reset(self) -> None:
+        """Restart every process (same keys, ports and registry) and a new load generator."""
+        step("  not recovered: restarting every process")
+        await self.stop_all()
+        self.resets += 1
+        print("stopped")
+        await self.start_all()
 
     # faults
 
@@ -402,27 +420,57 @@ class Soak:
         title: str,
         action: Callable[[list[tuple[float, str]]], Awaitable[None]],
     ) -> Phase:
+        """Lead-in, fault, recovery window; then wait to be healthy, or restart everything."""
+        args = self.args
         events: list[tuple[float, str]] = []
-        start = time.time()
-        print(f"phase {number}/{len(self.args.faults)} {name}: {title}", flush=True)
+        lead_in = time.time()  # chains started from here on are in flight when the fault hits
+        await anyio.sleep(args.lead_in)
+        inject = time.time()
+        print(f"phase {number}/{len(args.faults)} {name}: {title}", flush=True)
         await action(events)
-        fault_end = max(start + self.args.fault, time.time() + 1.0)
+        fault_end = max(inject + args.fault, time.time() + 1.0)
         await anyio.sleep(fault_end - time.time())
-        await anyio.sleep(self.args.recovery)
+        await anyio.sleep(args.recovery)
         end = time.time()
         windows = [
-            Window(name, "fault", start, fault_end),
+            Window(name, "fault", lead_in, fault_end),
             Window(name, "recovery", fault_end, end),
         ]
-        phase = Phase(name, title, windows, events)
+        phase = Phase(name, title, windows, events, inject=inject)
         self.progress(phase)
+        healthy = self.healthy()
+        for _ in range(int(args.settle / 0.5)):  # poll the load generator's records
+            if healthy:
+                break
+            await anyio.sleep(0.5)
+            healthy = self.healthy()
+        phase.settled_s = round(time.time() - end, 1) if healthy else None
+        if phase.settled_s is None:
+            phase.events.append((time.time(), f"not healthy {time.time() - inject:.0f} s after"))
+            if args.reset and number < len(args.faults):
+                await self.reset()
+                phase.reset = True
+                phase.events.append((time.time(), "every process restarted for the next phase"))
         return phase
+
+    def healthy(self) -> bool:
+        """Did every chain started 5 to 2.5 s ago succeed (and is there at least one)?"""
+        logs = read_logs(self.workdir, ())
+        now = time.time()
+        recent = [
+            s
+            for s in logs.starts.values()
+            if s["kind"] == "chain" and now - 5 <= s["t"] < now - 2.5
+        ]
+        return bool(recent) and all(
+            logs.ends.get(s["id"], {}).get("outcome") == "ok" for s in recent
+        )
 
     def progress(self, phase: Phase) -> None:
         """One line per window, from what the load generator has recorded so far."""
         logs = read_logs(self.workdir, ())
-        for event in phase.events:
-            print(f"    +{event[0] - phase.windows[0].start:5.1f} s  {event[1]}")
+        for t, what in phase.events:
+            print(f"    {t - phase.inject:+5.1f} s  {what}")
         for window in phase.windows:
             chains = [
                 r
@@ -432,7 +480,7 @@ class Soak:
             ok = sorted(r["ms"] for r in chains if r["outcome"] == "ok")
             p99 = ok[min(len(ok) - 1, int(len(ok) * 0.99))] if ok else None
             print(
-                f"  {window.kind:<8} {window.seconds:4.1f} s: {len(chains)} chains so far, "
+                f"  {window.kind:<8} {window.seconds:4.1f} s: {len(chains)} chains ended so far, "
                 f"{len(ok)} ok, {len(chains) - len(ok)} failed, p99 {ms(p99)}",
                 flush=True,
             )
@@ -477,7 +525,6 @@ async def soak(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any],
     phases: list[Phase] = []
     status = 0
     received: list[int] = []
-    codes: dict[str, int | None] = {}
     baseline = Window("baseline", "baseline", 0.0, 0.0)
     error: str | None = None
     started = time.time()
@@ -499,9 +546,8 @@ async def soak(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any],
                 t0 = time.time()
                 print(f"baseline: {args.warmup:g} s of steady load", flush=True)
                 await anyio.sleep(args.warmup)
-                baseline = Window(
-                    "baseline", "baseline", t0 + min(2.0, args.warmup / 4), time.time()
-                )
+                skip = min(2.0, args.warmup / 4)  # the first requests open tunnels
+                baseline = Window("baseline", "baseline", t0 + skip, time.time())
                 actions = {
                     "kill-llm": runner.fault_kill_llm,
                     "restart-rendezvous": runner.fault_restart_rendezvous,
@@ -531,12 +577,14 @@ async def soak(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any],
                     with contextlib.suppress(Exception):
                         nft(f"flush chain inet {NFT_TABLE} loss")
                 step("\nstopping load (draining requests in flight), orchestrator, services")
-                codes = await runner.stop_all()
+                await runner.stop_all(hurry=bool(received))
+                runner.close()
                 print("ok")
         tg.cancel_scope.cancel()
     logs = read_logs(workdir, NODE_ROLES)
     analysis = analyse(logs, phases, baseline)
-    report = build_report(args, workdir, phases, baseline, analysis, codes, logs)
+    report = build_report(args, workdir, phases, baseline, analysis, runner.codes, logs)
+    report["resets"] = runner.resets
     report["error"] = error
     report["elapsed_s"] = round(time.time() - started, 1)
     report["environment"]["loadavg_before"] = load_before
@@ -571,19 +619,20 @@ def build_report(
     phases: Sequence[Phase],
     baseline: Window,
     analysis: dict[str, Any],
-    codes: dict[str, int | None],
+    codes: Sequence[tuple[str, int | None]],
     logs: Logs,
 ) -> dict[str, Any]:
     total_post = analysis["total"]["POST /chain"]
     total_get = analysis["total"]["GET /health"]
     duplicated = sum(d["extra_executions"] for d in analysis["per_service"].values())
     reasonless = total_post["failed_without_reason"] + total_get["failed_without_reason"]
-    stopped_badly = {r: c for r, c in codes.items() if c not in (0, None)}
+    stopped_badly = [(r, c) for r, c in codes if c not in (0, None)]
+    loads = [c for r, c in codes if r == "load"]
     checks = {
         "no duplicated non-idempotent request": duplicated == 0,
         "every request has an outcome (nothing lost silently)": not analysis["unanswered"],
         "every failure has a reason": reasonless == 0,
-        "load generator finished cleanly": codes.get("load") == 0,
+        "load generator finished cleanly": bool(loads) and all(c == 0 for c in loads),
         "phases ran": len(phases) == len(args.faults),
     }
     return {
@@ -603,22 +652,23 @@ def build_report(
                 "name": p.name,
                 "title": p.title,
                 "skipped": p.skipped,
+                "inject": p.inject,
                 "events": [
-                    {
-                        "t": t,
-                        "offset_s": round(t - (p.windows[0].start if p.windows else t), 2),
-                        "what": e,
-                    }
-                    for t, e in p.events
+                    {"t": t, "offset_s": round(t - p.inject, 2), "what": what}
+                    for t, what in p.events
                 ],
                 "windows": [
                     {"kind": w.kind, "start": w.start, "end": w.end, "seconds": round(w.seconds, 2)}
                     for w in p.windows
                 ],
+                "recovery": analysis["recovery"].get(p.name),
+                "healthy_after_recovery_window_s": p.settled_s,
+                "reset_after": p.reset,
             }
             for p in phases
         ],
         "results": analysis["windows"],
+        "recovery": analysis["recovery"],
         "total": analysis["total"],
         "per_service": analysis["per_service"],
         "unanswered": analysis["unanswered"],
@@ -640,11 +690,13 @@ def print_report(report: dict[str, Any], phases: Sequence[Phase]) -> None:
             print(f"Skipped: {phase.skipped}.")
             continue
         for t, what in phase.events:
-            print(f"- +{t - phase.windows[0].start:.1f} s: {what}")
+            print(f"- {t - phase.inject:+.1f} s: {what}")
         print()
         print(phase_table([r for r in results if r["phase"] == phase.name]))
     print("\n## Summary (POST /chain)\n")
     print(summary_table(results))
+    print("\n## Recovery (seconds from the injection; chains by start time)\n")
+    print(recovery_table(phases, report["recovery"]))
     print("\n## Executions per service (duplicates are POST ids executed more than once)\n")
     print(service_table(report["per_service"]))
     total = report["total"]
@@ -677,12 +729,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="short phases (~1 minute in all)")
-    p.add_argument("--rate", type=float, default=None, help="POST /chain per second (20; quick 10)")
+    p.add_argument("--rate", type=float, default=20.0, help="POST /chain per second")
     p.add_argument("--health-rate", type=float, default=4.0, help="GET /health per second")
     p.add_argument("--compute-ms", type=float, default=100.0, help="stand-in compute per model")
-    p.add_argument("--warmup", type=float, default=None, help="baseline seconds (20; quick 6)")
-    p.add_argument("--fault", type=float, default=None, help="fault window seconds (10; quick 5)")
-    p.add_argument("--recovery", type=float, default=None, help="recovery seconds (20; quick 6)")
+    p.add_argument("--warmup", type=float, default=None, help="baseline seconds (20; quick 5)")
+    p.add_argument("--fault", type=float, default=None, help="fault window seconds (10; quick 4)")
+    p.add_argument("--recovery", type=float, default=None, help="recovery seconds (20; quick 5)")
     p.add_argument("--down", type=float, default=None, help="seconds a killed process stays down")
     p.add_argument("--faults", default=",".join(FAULTS), help="which faults, in order")
     p.add_argument("--rebind", default="stt,orchestrator", help="nodes that rebind, in order")
@@ -693,6 +745,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--loss-burst", type=float, default=None, help="seconds per burst (2.5; quick 1.5)"
     )
     p.add_argument("--loss-gap", type=float, default=1.0, help="seconds between bursts")
+    p.add_argument(
+        "--lead-in",
+        type=float,
+        default=1.0,
+        help="seconds before each fault that count in its fault window (chains in flight)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        help="after a recovery window, seconds to wait for healthy chains (10; quick 4)",
+    )
+    p.add_argument(
+        "--no-reset",
+        dest="reset",
+        action="store_false",
+        help="do not restart every process when a phase did not recover",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout per attempt")
     p.add_argument("--stage-timeout", type=float, default=10.0, help="orchestrator's timeout")
     p.add_argument("--netns", choices=["auto", "yes", "no"], default="auto")
@@ -707,13 +777,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.argv = raw
     quick = args.quick
     defaults = {
-        "rate": (20.0, 10.0),
-        "warmup": (20.0, 6.0),
-        "fault": (10.0, 5.0),
-        "recovery": (20.0, 6.0),
+        "warmup": (20.0, 5.0),
+        "fault": (10.0, 4.0),
+        "recovery": (20.0, 5.0),
         "down": (2.0, 1.0),
         "loss_bursts": (3, 2),
         "loss_burst": (2.5, 1.5),
+        "settle": (10.0, 4.0),
     }
     for key, (full, short) in defaults.items():
         if getattr(args, key) is None:
