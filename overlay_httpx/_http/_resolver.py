@@ -20,7 +20,7 @@ from typing import Final
 import anyio
 
 from .._address import Address
-from .._exceptions import AddressError, LocalProtocolError
+from .._exceptions import AddressError, LocalProtocolError, RendezvousUnavailable
 from .._node import Node
 
 __all__ = ["NodeResolver"]
@@ -39,6 +39,7 @@ class NodeResolver:
         self._cache: dict[str, tuple[float, list[Address]]] = {}
         self._turn = itertools.count()
         self._failed: dict[Address, float] = {}
+        self._inflight: dict[str, anyio.Event] = {}
 
     async def resolve(self, host: str) -> Sequence[Address]:
         host = host.lower()
@@ -57,8 +58,8 @@ class NodeResolver:
         if cached is not None and cached[0] > now:
             addresses = cached[1]
         else:
-            addresses = await self._look_up(host)
-            self._cache[host] = (now + self._ttl, addresses)
+            addresses = await self._refresh(host, cached)
+            now = anyio.current_time()
         if len(addresses) > 1:  # spread requests: each call starts one further along
             start = next(self._turn) % len(addresses)
             addresses = addresses[start:] + addresses[:start]
@@ -72,6 +73,29 @@ class NodeResolver:
         if len(self._failed) > 1024:
             now = anyio.current_time()
             self._failed = {a: t for a, t in self._failed.items() if t > now}
+
+    async def _refresh(
+        self, host: str, stale: tuple[float, list[Address]] | None
+    ) -> list[Address]:
+        """One look-up per host at a time; the last answer while the rendezvous is away."""
+        waiting = self._inflight.get(host)
+        if waiting is not None:  # someone is asking already: share the answer
+            await waiting.wait()
+            cached = self._cache.get(host)
+            if cached is not None:
+                return cached[1]
+        done = self._inflight[host] = anyio.Event()
+        try:
+            addresses = await self._look_up(host)
+        except RendezvousUnavailable:
+            if stale is None:
+                raise
+            return stale[1]  # names and tags rarely change: serve stale (as RFC 8767 does)
+        finally:
+            del self._inflight[host]
+            done.set()
+        self._cache[host] = (anyio.current_time() + self._ttl, addresses)
+        return addresses
 
     async def _look_up(self, host: str) -> list[Address]:
         if host.endswith(_TAG_SUFFIX):

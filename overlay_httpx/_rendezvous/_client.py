@@ -135,6 +135,7 @@ class RendezvousClient:
         """Stay registered for the node's lifetime, reconnecting with backoff."""
         backoff = 0.1
         while True:
+            registrations = self.registrations
             try:
                 await self._session()
             except Exception as group:
@@ -149,6 +150,8 @@ class RendezvousClient:
             finally:
                 self._disconnected()
                 self.first_attempt.set()
+            if self.registrations > registrations:
+                backoff = 0.1  # that session worked: come back quickly
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
@@ -305,6 +308,10 @@ class RendezvousClient:
             with anyio.fail_after(timeout):
                 await event.wait()
         except TimeoutError:
+            # A session that stops answering is treated as dead now, not at the next
+            # heartbeat: closing the stream makes `run` reconnect and re-register.
+            if self._stream is stream:
+                stream.reset()
             raise RendezvousUnavailable(
                 f"rendezvous {self._spec} did not answer {op!r} within {timeout:g} s"
             ) from None

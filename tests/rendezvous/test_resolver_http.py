@@ -76,3 +76,27 @@ async def _node(  # type: ignore[no-untyped-def]
         group.cancel_scope.cancel()
     if closed is not None:
         closed.set()
+
+
+async def test_names_are_served_stale_while_the_rendezvous_is_away() -> None:
+    from overlay_httpx import NodeResolver
+
+    stop, stopped = anyio.Event(), anyio.Event()
+
+    async def rendezvous(*, task_status) -> None:  # type: ignore[no-untyped-def]
+        async with Rendezvous() as rv:
+            task_status.started(rv)
+            await stop.wait()
+        stopped.set()
+
+    async with anyio.create_task_group() as group:
+        rv = await group.start(rendezvous)
+        server = await group.start(_node, rv.spec, ["model-service"], "svc")
+        client = await group.start(_node, rv.spec, [], None)
+        resolver = NodeResolver(client, ttl=0.0)  # every call asks again
+        assert list(await resolver.resolve("svc.overlay")) == [server.address]
+        stop.set()
+        await stopped.wait()
+        with anyio.fail_after(10):  # the rendezvous is gone: the last answer still serves
+            assert list(await resolver.resolve("svc.overlay")) == [server.address]
+        group.cancel_scope.cancel()
