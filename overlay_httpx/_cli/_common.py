@@ -35,6 +35,7 @@ __all__ = [
     "RENDEZVOUS_ENV",
     "PeerSpec",
     "add_node_options",
+    "command_parser",
     "open_node",
     "overlay_address",
     "overlay_port",
@@ -153,6 +154,25 @@ def peer_spec(text: str) -> PeerSpec:
 
 
 # -- the options --------------------------------------------------------------------------
+
+
+def command_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    parents: list[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+    examples: str,
+) -> argparse.ArgumentParser:
+    """One subcommand's parser, laid out like all the others."""
+    return subparsers.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=parents,
+    )
 
 
 def add_node_options(parser: argparse.ArgumentParser, *, register: bool = True) -> None:

@@ -13,7 +13,7 @@ import functools
 import anyio
 
 from .._asgi import serve
-from ._common import add_node_options, overlay_port, running_node, tcp_endpoint
+from ._common import add_node_options, command_parser, overlay_port, running_node, tcp_endpoint
 from ._errors import UsageError
 from ._proxy import ReverseProxy
 from ._runtime import announce, node_fields, until_signal
@@ -42,13 +42,13 @@ def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
+        parents,
         "expose",
-        help="publish a local HTTP/1.1 service on an overlay port",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=parents,
+        "publish a local HTTP/1.1 service on an overlay port",
+        DESCRIPTION,
+        EXAMPLES,
     )
     parser.add_argument(
         "upstream", metavar="HOST:PORT", help="the local service, e.g. 127.0.0.1:8000"

@@ -13,7 +13,7 @@ import anyio
 
 from .._exceptions import NotRegistered, RegistryProtocolError
 from .._rendezvous._store import NodeRecord, format_endpoint, validate_hostname, validate_tag
-from ._common import add_node_options, rendezvous_of, running_node
+from ._common import add_node_options, command_parser, rendezvous_of, running_node
 from ._errors import UsageError
 
 __all__ = ["add_parser"]
@@ -35,13 +35,13 @@ def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
+        parents,
         "find",
-        help="list the live nodes with a tag (or a hostname) at the rendezvous",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=parents,
+        "list the live nodes with a tag (or a hostname) at the rendezvous",
+        DESCRIPTION,
+        EXAMPLES,
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--tag", dest="find_tag", metavar="TAG", help="nodes carrying TAG")

@@ -24,6 +24,7 @@ from .._http._transport import Resolver
 from .._node import Node, OverlayStream
 from ._common import (
     add_node_options,
+    command_parser,
     overlay_target,
     rendezvous_of,
     require_known_peer,
@@ -61,13 +62,13 @@ def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
+        parents,
         "gateway",
-        help="forward a local TCP port to an overlay port",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=parents,
+        "forward a local TCP port to an overlay port",
+        DESCRIPTION,
+        EXAMPLES,
     )
     parser.add_argument(
         "--listen",

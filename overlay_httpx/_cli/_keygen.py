@@ -14,6 +14,7 @@ from .._exceptions import IdentityError, IdentityExists
 from .._http._transport import IDENTITY_ENV, default_identity_path
 from .._identity import Identity
 from .._node._node import default_address
+from ._common import command_parser
 from ._errors import CliError
 
 __all__ = ["add_parser"]
@@ -37,13 +38,13 @@ def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
+        parents,
         "keygen",
-        help="create an identity file and print its address and public identity",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=parents,
+        "create an identity file and print its address and public identity",
+        DESCRIPTION,
+        EXAMPLES,
     )
     parser.add_argument(
         "--out",

@@ -17,7 +17,7 @@ import anyio
 from .._exceptions import IdentityError, OverlayError
 from .._identity import Identity
 from .._rendezvous import Rendezvous
-from ._common import positive_float, udp_endpoint
+from ._common import command_parser, positive_float, udp_endpoint
 from ._errors import PROG, CliError
 from ._runtime import announce, until_signal
 
@@ -44,13 +44,13 @@ def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
+        parents,
         "rendezvous",
-        help="run a rendezvous server (registry, discovery, NAT traversal, relay)",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=parents,
+        "run a rendezvous server (registry, discovery, NAT traversal, relay)",
+        DESCRIPTION,
+        EXAMPLES,
     )
     parser.add_argument(
         "--listen",

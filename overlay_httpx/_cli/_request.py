@@ -23,6 +23,7 @@ from .._http import OverlayTransport
 from .._version import __version__
 from ._common import (
     add_node_options,
+    command_parser,
     positive_float,
     rendezvous_of,
     require_known_peer,
@@ -66,13 +67,13 @@ def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
+        parents,
         "request",
-        help="send an HTTP request to an overlay URL (curl for the overlay)",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=parents,
+        "send an HTTP request to an overlay URL (curl for the overlay)",
+        DESCRIPTION,
+        EXAMPLES,
     )
     parser.add_argument("url", metavar="URL", help="http://<address-host>.overlay[:PORT]/path")
     parser.add_argument(

@@ -14,7 +14,7 @@ import anyio
 
 from .._asgi import LifespanFailed, serve
 from .._asgi._types import ASGIApp
-from ._common import add_node_options, overlay_port, positive_float, running_node
+from ._common import add_node_options, command_parser, overlay_port, positive_float, running_node
 from ._errors import CliError
 from ._loader import load_app
 from ._runtime import announce, node_fields, until_signal
@@ -42,13 +42,13 @@ def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
+        parents,
         "serve",
-        help="serve an ASGI app (MODULE:APP) on an overlay port",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=parents,
+        "serve an ASGI app (MODULE:APP) on an overlay port",
+        DESCRIPTION,
+        EXAMPLES,
     )
     parser.add_argument("app", metavar="MODULE:APP", help="e.g. main:app or pkg.api:make_app()")
     parser.add_argument(

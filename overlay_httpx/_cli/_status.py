@@ -17,7 +17,7 @@ import anyio
 from .._exceptions import OverlayError
 from .._http._resolver import NodeResolver
 from .._node import Node
-from ._common import add_node_options, overlay_target, running_node
+from ._common import add_node_options, command_parser, overlay_target, running_node
 
 __all__ = ["add_parser"]
 
@@ -40,13 +40,13 @@ def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: list[argparse.ArgumentParser],
 ) -> None:
-    parser = subparsers.add_parser(
+    parser = command_parser(
+        subparsers,
+        parents,
         "status",
-        help="show this node's endpoints, registration and tunnels (optionally probe peers)",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=parents,
+        "show this node's endpoints, registration and tunnels (optionally probe peers)",
+        DESCRIPTION,
+        EXAMPLES,
     )
     parser.add_argument(
         "--probe",
