@@ -74,9 +74,7 @@ class NodeResolver:
             now = anyio.current_time()
             self._failed = {a: t for a, t in self._failed.items() if t > now}
 
-    async def _refresh(
-        self, host: str, stale: tuple[float, list[Address]] | None
-    ) -> list[Address]:
+    async def _refresh(self, host: str, stale: tuple[float, list[Address]] | None) -> list[Address]:
         """One look-up per host at a time; the last answer while the rendezvous is away."""
         waiting = self._inflight.get(host)
         if waiting is not None:  # someone is asking already: share the answer

@@ -610,9 +610,7 @@ class Tunnel:
         if now >= self._last_received + cfg.idle_timeout:
             self._finish(now, ERROR_IDLE_TIMEOUT, "idle timeout", by_peer=False)
             return
-        probed_out = (
-            self._conn.handle_loss_timer(now) and self._conn.pto_streak >= _PTO_REHANDSHAKE
-        )
+        probed_out = self._conn.handle_loss_timer(now) and self._conn.pto_streak >= _PTO_REHANDSHAKE
         suspect = self._suspect_restart_at()
         if (probed_out or (suspect is not None and now >= suspect)) and not self._pending:
             # Silence after repeated probes, or while requests keep coming (each re-arms
