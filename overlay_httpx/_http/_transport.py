@@ -228,11 +228,16 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         for attempt in range(attempts):
             conn = await self._first_connection(request, addresses, attempt, port)
             try:
-                return await self._exchange(request, conn)
+                response = await self._exchange(request, conn)
             except Refused as exc:
                 await self._retire(conn)
                 if attempt + 1 >= attempts:
                     raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+            else:
+                # How many times the request went out: > 1 only for requests the
+                # server refused before beginning them (GOAWAY, REFUSED_STREAM).
+                response.extensions["overlay"]["attempts"] = attempt + 1
+                return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _first_connection(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import socket
@@ -94,6 +95,7 @@ async def test_json_post_and_response_extensions(overlay_app_client) -> None:  #
     assert isinstance(overlay["peer_address"], Address)
     assert overlay["path"] == "direct"
     assert overlay["fingerprint"] == overlay["peer_identity"].fingerprint
+    assert overlay["attempts"] == 1
 
 
 async def test_caller_identity_is_visible_to_the_app(
@@ -296,3 +298,46 @@ async def test_graceful_server_shutdown_finishes_the_request_in_flight(
             with anyio.fail_after(5):
                 await done.wait()
             assert result["r"].json() == {"done": "yes"}
+
+
+async def test_a_refused_stream_is_retried_once_and_the_attempts_are_reported(
+    overlay_node_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """A raw HTTP/2 server that refuses the first request (REFUSED_STREAM: it never
+    began it) and answers the second; the transport retries and says so."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    server_node, client_node = await overlay_node_factory(), await overlay_node_factory()
+    listener = await server_node.listen(80)
+    seen: list[int] = []
+
+    async def raw_server(stream) -> None:  # type: ignore[no-untyped-def]
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        await stream.send(conn.data_to_send())
+        with contextlib.suppress(anyio.BrokenResourceError):  # the client closes at the end
+            await _refuse_first(conn, stream)
+
+    async def _refuse_first(conn, stream) -> None:  # type: ignore[no-untyped-def]
+        async for data in stream:
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    seen.append(event.stream_id)
+                    if len(seen) == 1:
+                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    else:
+                        conn.send_headers(event.stream_id, [(":status", "200")])
+                        conn.send_data(event.stream_id, b"second time", end_stream=True)
+            await stream.send(conn.data_to_send())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, raw_server)
+        async with httpx.AsyncClient(transport=OverlayTransport(client_node)) as client:
+            r = await client.get(f"http://{server_node.address.host}/")
+            assert r.text == "second time"
+            assert r.extensions["overlay"]["attempts"] == 2
+            assert len(seen) == 2
+        tg.cancel_scope.cancel()
