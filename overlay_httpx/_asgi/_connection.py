@@ -259,6 +259,19 @@ class Connection:
             request.on_gone()
         self._stop_reading()
 
+    def _too_large(self, request: Request, limit: int) -> None:
+        """Answer 413 (unless the app already answered) and stop the upload."""
+        logger.debug("request body on stream %d over %d bytes", request.stream_id, limit)
+        try:
+            if not request.headers_sent:
+                simple_response(self, request.stream_id, 413, f"request body over {limit} bytes")
+                self.h2.reset_stream(request.stream_id, ErrorCodes.NO_ERROR)
+            else:
+                self.h2.reset_stream(request.stream_id, ErrorCodes.CANCEL)
+        except H2ProtocolError:
+            pass
+        request.on_gone()  # the app sees http.disconnect; what it sends now is dropped
+
     def _handle(self, events: list[Event]) -> None:
         requests = self.requests
         for event in events:
@@ -267,6 +280,9 @@ class Connection:
                 request = requests.get(sid)
                 if request is not None and not request.gone:
                     request.on_data(event.data, event.flow_controlled_length)
+                    limit = self._info.max_body_size
+                    if limit is not None and request.received > limit:
+                        self._too_large(request, limit)
                 elif event.flow_controlled_length:
                     self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
             elif isinstance(event, RequestReceived):
@@ -308,6 +324,9 @@ class Connection:
             return
         try:
             scope = build_scope(event.headers, self._info)
+            limit = self._info.max_body_size
+            if limit is not None and _declared_length(event.headers) > limit:
+                raise BadRequest(413, f"request body over {limit} bytes")
         except BadRequest as exc:
             logger.debug("bad request from %s on stream %d: %s", self._peer, sid, exc.reason)
             try:
@@ -376,3 +395,14 @@ class Connection:
             if event is not None:
                 self._flushed = None
                 event.set()
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The request's content-length (0 when absent or unreadable: the data will tell)."""
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0

@@ -103,6 +103,7 @@ class Request:
         "listened",
         "no_body",
         "pending_headers",
+        "received",
         "receivers",
         "remaining",
         "scope",
@@ -118,6 +119,7 @@ class Request:
         self.scope = scope
         self.body: list[bytes] = []
         self.unacked = 0  # flow-controlled bytes received but not yet handed to the app
+        self.received = 0  # body bytes received in all
         self.body_ended = False  # the client's END_STREAM arrived
         self.body_delivered = False  # the app got more_body=False
         self.started = False  # the app sent http.response.start
@@ -139,6 +141,7 @@ class Request:
     def on_data(self, data: bytes, flow_controlled_length: int) -> None:
         if data:
             self.body.append(data)
+            self.received += len(data)
         self.unacked += flow_controlled_length
         self._wake_reader()
 

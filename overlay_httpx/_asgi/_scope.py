@@ -73,6 +73,8 @@ class ConnectionInfo:
     path: Callable[[], str]
     """The tunnel's current path, "direct" or "relayed" (it can change under a connection)."""
     max_header_list_size: int
+    max_body_size: int | None
+    """Request body bytes allowed (None: no limit); beyond it the client gets 413."""
     state: dict[str, Any] | None
     """The lifespan state, copied into every request; None when lifespan did not run."""
 

@@ -62,8 +62,17 @@ class OverlayServer:
         lifespan: LifespanMode = "auto",
         max_concurrent_streams: int = 100,
         max_header_list_size: int = 65536,
+        max_body_size: int | None = None,
         shutdown_timeout: float = 5.0,
     ) -> None:
+        if max_body_size is not None and (
+            isinstance(max_body_size, bool)
+            or not isinstance(max_body_size, int)
+            or max_body_size < 0
+        ):
+            raise LocalProtocolError(
+                f"max_body_size={max_body_size!r}: expected a byte count >= 0, or None for no limit"
+            )
         if not callable(app):
             raise LocalProtocolError(f"app {app!r}: expected an ASGI 3 callable")
         if lifespan not in ("auto", "on", "off"):
@@ -87,6 +96,7 @@ class OverlayServer:
         self._lifespan = Lifespan(app, lifespan)
         self._max_streams = max_concurrent_streams
         self._max_header_list_size = max_header_list_size
+        self._max_body_size = max_body_size
         self._shutdown_timeout = shutdown_timeout
         self._connections: set[Connection] = set()
         self._connections_changed: anyio.Event | None = None
@@ -212,6 +222,7 @@ class OverlayServer:
             peer_identity=stream.extra(OverlayAttribute.peer_identity),
             path=functools.partial(stream.extra, OverlayAttribute.path),
             max_header_list_size=self._max_header_list_size,
+            max_body_size=self._max_body_size,
             state=state,
         )
 
@@ -254,6 +265,7 @@ async def serve(
     lifespan: LifespanMode = "auto",
     max_concurrent_streams: int = 100,
     max_header_list_size: int = 65536,
+    max_body_size: int | None = None,
     shutdown_timeout: float = 5.0,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -276,6 +288,7 @@ async def serve(
         lifespan=lifespan,
         max_concurrent_streams=max_concurrent_streams,
         max_header_list_size=max_header_list_size,
+        max_body_size=max_body_size,
         shutdown_timeout=shutdown_timeout,
     )
     await server.serve(task_status=task_status)

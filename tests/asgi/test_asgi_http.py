@@ -440,3 +440,33 @@ async def test_headers_wait_for_the_body_unless_pushed_with_an_empty_chunk() -> 
         assert response.body == b"done"
         await client.ping()
     assert after_response == ["http.disconnect"]  # receive() after the response completed
+
+
+async def test_a_body_over_max_body_size_gets_413_and_the_connection_carries_on() -> None:
+    app = FastAPI()
+    seen: list[int] = []
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+        seen.append(size)
+        return {"size": size}
+
+    async with (
+        served(app, max_body_size=1000) as (server, client_node),
+        h2_connect(client_node, server) as client,
+    ):
+        declared = await client.request(
+            "POST", "/upload", b"x" * 2000, [(b"content-length", b"2000")]
+        )
+        assert declared.status == 413  # refused from the headers alone
+        streamed = client.open("POST", "/upload", [], end_stream=False)
+        await client.send_body(streamed.stream_id, b"y" * 5000)
+        await streamed.wait_end()
+        assert streamed.status == 413  # refused once the data went over
+        small = await client.request("POST", "/upload", b"z" * 999)
+        assert small.status == 200
+        assert json.loads(b"".join(small.chunks)) == {"size": 999}
+        assert seen == [999]  # the app never saw an oversized body complete
