@@ -16,7 +16,7 @@ import anyio
 
 from .._exceptions import IdentityError, OverlayError
 from .._identity import Identity
-from .._rendezvous import Rendezvous
+from .._rendezvous import Rendezvous, RendezvousSpec
 from ._common import command_parser, positive_float, udp_endpoint
 from ._errors import PROG, CliError
 from ._runtime import announce, until_signal
@@ -131,7 +131,7 @@ async def _main(identity: Identity, args: argparse.Namespace) -> int:
                 "address": server.address,
                 "udp": f"{host}:{port}",
                 "db": args.db,
-                "spec": f"{server.public}@{host}:{port}",
+                "spec": RendezvousSpec(host, port, server.public),
             },
         )
         if host in ("0.0.0.0", "::"):

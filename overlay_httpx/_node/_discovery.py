@@ -14,7 +14,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
 
 from .._address import Address
 from .._exceptions import (
@@ -41,6 +41,7 @@ logger = logging.getLogger("overlay_httpx")
 
 _TAGS_FRESH: Final = 60.0  # seconds a peer's registered record is trusted for admission
 _MAX_REMEMBERED: Final = 4096  # records kept from discovery and look-ups
+_V = TypeVar("_V")
 
 
 class PeerInfo(NamedTuple):
@@ -187,13 +188,7 @@ class PeerBook:
         try:
             self.learn(await self.client.record("lookup", address=str(address)))
         except NotRegistered:  # no live record: the address is nobody's, the claim unproven
-            if len(self._tags) >= _MAX_REMEMBERED:
-                del self._tags[next(iter(self._tags))]
-            self._tags[address] = (
-                self._node.public,
-                frozenset(),
-                self._node._clock() + _TAGS_FRESH,
-            )
+            self._remember_owner(address, self._node.public, frozenset())
         except OverlayError as exc:
             logger.debug("could not look up the tags of %s: %s", address, exc)
         finally:
@@ -201,16 +196,22 @@ class PeerBook:
 
     def learn(self, record: NodeRecord) -> None:
         """Remember what the rendezvous told us about a peer (a bounded memory)."""
-        for table in (self.discovered, self._tags):
-            if len(table) >= _MAX_REMEMBERED:
-                del table[next(iter(table))]  # the oldest entry
-        self.discovered.pop(record.address, None)
-        self.discovered[record.address] = record
-        self._tags[record.address] = (
-            record.identity,
-            frozenset(record.tags),
-            self._node._clock() + _TAGS_FRESH,
-        )
+        _bounded_put(self.discovered, record.address, record)
+        self._remember_owner(record.address, record.identity, frozenset(record.tags))
+
+    def _remember_owner(
+        self, address: Address, identity: PublicIdentity, tags: frozenset[str]
+    ) -> None:
+        """Who owns `address` and its tags, for admission, fresh for a while."""
+        _bounded_put(self._tags, address, (identity, tags, self._node._clock() + _TAGS_FRESH))
+
+
+def _bounded_put(table: dict[Address, _V], key: Address, value: _V) -> None:
+    """Insert as the newest entry, dropping the oldest beyond `_MAX_REMEMBERED`."""
+    table.pop(key, None)
+    if len(table) >= _MAX_REMEMBERED:
+        del table[next(iter(table))]
+    table[key] = value
 
 
 def network_key(value: bytes | str | None) -> bytes | None:

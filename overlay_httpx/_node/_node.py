@@ -319,12 +319,7 @@ class Node:
         """The rendezvous this node registers with (``IDENTITY@host:port`` once known)."""
         if self._rv is None:
             return None
-        identity = self._rv.identity
-        return (
-            str(self._rv._spec)
-            if identity is None
-            else f"{identity}@{self._rv._spec.host}:{self._rv._spec.port}"
-        )
+        return str(self._rv.spec)
 
     @property
     def endpoint(self) -> Addr:

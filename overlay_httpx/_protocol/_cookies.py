@@ -24,9 +24,10 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ._packet import MAC_SIZE, TYPE_COOKIE
+from ._bucket import TokenBucket
+from ._packet import MAC_SIZE, TYPE_COOKIE, compute_mac2
 
-__all__ = ["COOKIE_SIZE", "CookieChecker", "CookieReply", "compute_mac2", "cookie_key"]
+__all__ = ["COOKIE_SIZE", "CookieChecker", "CookieReply", "cookie_key"]
 
 _LABEL: Final = b"overlay_httpx cookie v1"
 _SECRET_LIFETIME: Final = 120.0
@@ -41,10 +42,6 @@ _MAX_SOURCES: Final = 4096
 def cookie_key(responder_static: bytes) -> bytes:
     """The AEAD key for cookie replies from the owner of `responder_static`."""
     return hashlib.blake2s(_LABEL + responder_static).digest()
-
-
-def compute_mac2(cookie: bytes, data_before_mac2: bytes) -> bytes:
-    return hashlib.blake2s(data_before_mac2, key=cookie, digest_size=MAC_SIZE).digest()
 
 
 class CookieReply:
@@ -74,14 +71,6 @@ class CookieReply:
             return None
 
 
-class _Bucket:
-    __slots__ = ("tokens", "updated")
-
-    def __init__(self, tokens: float, now: float) -> None:
-        self.tokens = tokens
-        self.updated = now
-
-
 class CookieChecker:
     """The responder's side: load accounting, cookies, mac2 checks and per-source buckets."""
 
@@ -101,7 +90,7 @@ class CookieChecker:
         self._secret_born: float | None = None
         self._window_start = 0.0
         self._window_count = 0
-        self._sources: dict[str, _Bucket] = {}
+        self._sources: dict[str, TokenBucket] = {}
         self.cookies_sent = 0
 
     def under_load(self, now: float, pending: int, max_pending: int) -> bool:
@@ -151,12 +140,5 @@ class CookieChecker:
         if bucket is None:
             if len(self._sources) >= _MAX_SOURCES:
                 self._sources.clear()  # bounded memory; a flood restarts everyone's buckets
-            bucket = self._sources[addr[0]] = _Bucket(self._source_burst, now)
-        bucket.tokens = min(
-            self._source_burst, bucket.tokens + (now - bucket.updated) * self._source_rate
-        )
-        bucket.updated = now
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True
+            bucket = self._sources[addr[0]] = TokenBucket(self._source_rate, self._source_burst)
+        return bucket.take(1.0, now)

@@ -43,6 +43,7 @@ __all__ = [
     "IdentifyAnswer",
     "TransportParameters",
     "compute_mac1",
+    "compute_mac2",
     "identify_request",
     "is_relay_addr",
     "mac1_key",
@@ -88,6 +89,11 @@ def compute_mac1(key: bytes, data: bytes) -> bytes:
     return hashlib.blake2s(data, key=key, digest_size=MAC_SIZE).digest()
 
 
+def compute_mac2(cookie: bytes, data_before_mac2: bytes) -> bytes:
+    """mac2 proves the sender received `cookie` at its source address (see COOKIE)."""
+    return compute_mac1(cookie, data_before_mac2)
+
+
 def _check_macs(data: bytes, key: bytes) -> bool:
     body_end = len(data) - 2 * MAC_SIZE
     expected = compute_mac1(key, data[:body_end])
@@ -103,9 +109,7 @@ class HandshakeInit:
         """The datagram; with a `cookie` from the receiver, mac2 proves our source address."""
         body = _INIT_HEAD.pack(TYPE_INIT, VERSION, 0, self.sender_index) + self.noise
         body += compute_mac1(receiver_mac1_key, body)
-        if cookie is None:
-            return body + bytes(MAC_SIZE)
-        return body + hashlib.blake2s(body, key=cookie, digest_size=MAC_SIZE).digest()
+        return body + (bytes(MAC_SIZE) if cookie is None else compute_mac2(cookie, body))
 
     @classmethod
     def decode(cls, data: bytes, own_mac1_key: bytes) -> HandshakeInit | None:

@@ -37,6 +37,7 @@ __all__ = [
     "PendingInitiation",
     "Session",
     "accept_initiation",
+    "bound_identity",
     "random_index",
     "verify_hello",
 ]
@@ -93,15 +94,24 @@ class LocalKeys:
         ).encode()
 
 
+def bound_identity(x25519: bytes, ed25519: bytes, signature: bytes) -> PublicIdentity:
+    """The identity whose Ed25519 key signed its X25519 key; FrameError if it did not."""
+    try:
+        identity = PublicIdentity(x25519, ed25519)
+    except ValueError:
+        raise FrameError("invalid Ed25519 key") from None
+    if not identity.verify(signature, BIND_LABEL + x25519):
+        raise FrameError("the binding signature is invalid")
+    return identity
+
+
 def verify_hello(payload: bytes, remote_static: bytes) -> tuple[HelloPayload, PublicIdentity]:
     """Decode a handshake payload and check that it binds `remote_static` to its Ed25519 key."""
     hello = HelloPayload.decode(payload)
     try:
-        identity = PublicIdentity(remote_static, hello.ed25519)
-    except ValueError:
-        raise FrameError("handshake payload carries an invalid Ed25519 key") from None
-    if not identity.verify(hello.signature, BIND_LABEL + remote_static):
-        raise FrameError("handshake payload binding signature is invalid")
+        identity = bound_identity(remote_static, hello.ed25519, hello.signature)
+    except FrameError as exc:
+        raise FrameError(f"handshake payload: {exc}") from None
     return hello, identity
 
 

@@ -492,9 +492,13 @@ class Tunnel:
     def _on_new_path(self, addr: tuple[str, int], counter: int) -> None:
         if addr in self._challenges.values():
             return
-        if is_relay_addr(addr) and not self.is_relayed and self._conn.pto_streak < 2:
-            return  # stragglers through the relay: a working direct path is never given up
+        if self._keeps_direct_path_over(addr):
+            return  # stragglers through the relay
         self._challenge_path(addr)
+
+    def _keeps_direct_path_over(self, addr: tuple[str, int]) -> bool:
+        """A working direct path is never given up for the relay (only a silent one is)."""
+        return is_relay_addr(addr) and not self.is_relayed and self._conn.pto_streak < 2
 
     def _challenge_path(self, addr: tuple[str, int]) -> None:
         if len(self._challenges) >= _MAX_CHALLENGES:
@@ -507,7 +511,7 @@ class Tunnel:
         target = self._challenges.get(frame.data)
         if target is None:
             return
-        if is_relay_addr(target) and not self.is_relayed and self._conn.pto_streak < 2:
+        if self._keeps_direct_path_over(target):
             del self._challenges[frame.data]
             return  # the direct path came back meanwhile: keep it
         old = self.remote_addr

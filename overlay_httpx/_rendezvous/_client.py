@@ -11,6 +11,7 @@ direct path in the background when one starts to work.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ import anyio
 from .._address import Address
 from .._exceptions import (
     AddressTaken,
+    FrameError,
     HostnameTaken,
     NotRegistered,
     OverlayError,
@@ -40,6 +42,7 @@ from .._protocol._packet import (
     punch_datagram,
     relay_addr,
 )
+from .._protocol._sessions import bound_identity
 from ._messages import MessageDecoder, Push, Request, Response, encode, parse_message, request
 from ._spec import REGISTRY_PORT, RendezvousSpec
 from ._store import NodeRecord, format_endpoint, parse_endpoint_text
@@ -124,6 +127,11 @@ class RendezvousClient:
         """Why the rendezvous refused our registration (address or hostname taken), if it did."""
         self.advertise: list[tuple[str, int]] | None = None
         """Local endpoints to publish instead of the detected ones (e.g. a port forward)."""
+
+    @property
+    def spec(self) -> RendezvousSpec:
+        """The configured spec, with the rendezvous's key once it is known."""
+        return dataclasses.replace(self._spec, identity=self.identity)
 
     @property
     def is_registered(self) -> bool:
@@ -240,13 +248,9 @@ class RendezvousClient:
     async def _ask_identity(self, endpoint: tuple[str, int]) -> PublicIdentity:
         answer = await self._ask(endpoint)
         try:
-            identity = PublicIdentity(answer.x25519, answer.ed25519)
-        except ValueError:
-            raise RegistryProtocolError("the rendezvous sent an invalid public identity") from None
-        from .._protocol._packet import BIND_LABEL
-
-        if not identity.verify(answer.binding, BIND_LABEL + answer.x25519):
-            raise RegistryProtocolError("the rendezvous's identity answer is not self-consistent")
+            identity = bound_identity(answer.x25519, answer.ed25519, answer.binding)
+        except FrameError as exc:
+            raise RegistryProtocolError(f"the rendezvous's identity answer: {exc}") from None
         self.address = answer.address
         return identity
 

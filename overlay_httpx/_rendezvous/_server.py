@@ -36,9 +36,10 @@ from .._exceptions import (
 from .._identity import Identity, PublicIdentity
 from .._node._node import Node, default_address
 from .._node._stream import OverlayAttribute, OverlayStream
+from .._protocol._bucket import TokenBucket
 from .._protocol._packet import RELAY_OVERHEAD, relay_unwrap, relay_wrap
 from ._messages import MessageDecoder, Request, encode, error, ok, parse_message, push
-from ._spec import REGISTRY_PORT
+from ._spec import REGISTRY_PORT, RendezvousSpec
 from ._store import (
     MAX_LOCAL_ENDPOINTS,
     NodeRecord,
@@ -76,38 +77,13 @@ class RendezvousStatistics:
     relay_drops: dict[str, int]
 
 
-class _Bucket:
-    """A token bucket in bytes: `rate` per second, at most `burst` at once."""
-
-    __slots__ = ("burst", "rate", "tokens", "updated")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.updated = -math.inf  # the node's clock; the first datagram starts it
-
-    def take(self, size: int, now: float) -> bool:
-        """Whether a datagram of `size` may pass.
-
-        Any positive balance lets a datagram through and may leave a debt, so
-        a datagram larger than the burst is slowed down, never refused forever.
-        """
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens <= 0:
-            return False
-        self.tokens -= size
-        return True
-
-
 class _Session:
     """One node's open control stream."""
 
     __slots__ = ("address", "bucket", "identity", "lock", "punches", "stream")
 
-    def __init__(self, stream: OverlayStream, bucket: _Bucket) -> None:
-        self.punches = _Bucket(_PUNCH_RATE, _PUNCH_BURST)  # punch pushes it may cause
+    def __init__(self, stream: OverlayStream, bucket: TokenBucket) -> None:
+        self.punches = TokenBucket(_PUNCH_RATE, _PUNCH_BURST)  # punch pushes it may cause
         self.stream = stream
         self.address = stream.peer_address
         self.identity = stream.peer_identity
@@ -220,8 +196,7 @@ class Rendezvous:
         host, port = self.endpoint
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return f"{self.public}@{where}"
+        return str(RendezvousSpec(host, port, self.public))
 
     @property
     def store(self) -> Store:
@@ -247,7 +222,7 @@ class Rendezvous:
     # -- the registry protocol -----------------------------------------------------------------
 
     async def _serve_session(self, stream: OverlayStream) -> None:
-        session = _Session(stream, _Bucket(self._relay_rate, self._relay_burst))
+        session = _Session(stream, TokenBucket(self._relay_rate, self._relay_burst))
         decoder = MessageDecoder()
         try:
             async with stream:
@@ -408,7 +383,7 @@ class Rendezvous:
         """The target's record for the caller; the caller's record pushed to the target."""
         target = self._find(req.args.get("address"))
         peer = self._sessions.get(target.address)
-        if peer is not None and session.punches.take(1, time.monotonic()):
+        if peer is not None and session.punches.take(1, time.monotonic(), debt=True):
             # Rate-limited: each push makes the target send datagrams to endpoints the
             # caller chose, which must not become a reflector.
             me = self._refresh(session)
@@ -432,9 +407,13 @@ class Rendezvous:
 
     # -- the relay -------------------------------------------------------------------------------
 
-    def _session_at(self, addr: tuple[str, int]) -> _Session | None:
+    def _session_at(self, addr: tuple[str, int], now: float) -> _Session | None:
+        """The registered node sending from `addr`. The map is rebuilt when it was
+        cleared (sessions changed) or, for an unknown source, at most once a second
+        (a node may have moved), so junk cannot force a rebuild per datagram."""
         session = self._by_endpoint.get(addr)
-        if session is None and not self._by_endpoint and self._sessions:
+        if session is None and (not self._by_endpoint or now - self._rebuilt_at >= _REBUILD_EVERY):
+            self._rebuilt_at = now
             self._by_endpoint = {s.endpoint: s for s in self._sessions.values()}
             session = self._by_endpoint.get(addr)
         return session
@@ -442,15 +421,10 @@ class Rendezvous:
     def _forward(
         self, data: bytes, addr: tuple[str, int], now: float
     ) -> tuple[bytes, tuple[str, int]] | None:
-        source = self._session_at(addr)
+        source = self._session_at(addr, now)
         if source is None:
-            if now - self._rebuilt_at >= _REBUILD_EVERY:  # a node may have moved
-                self._rebuilt_at = now
-                self._by_endpoint = {s.endpoint: s for s in self._sessions.values()}
-                source = self._by_endpoint.get(addr)
-            if source is None:
-                self._relay_drops["unknown_source"] += 1
-                return None
+            self._relay_drops["unknown_source"] += 1
+            return None
         unwrapped = relay_unwrap(data)
         if unwrapped is None:
             self._relay_drops["malformed"] += 1
@@ -460,7 +434,7 @@ class Rendezvous:
         if target is None:
             self._relay_drops["unknown_destination"] += 1
             return None
-        if not source.bucket.take(len(inner) + RELAY_OVERHEAD, now):
+        if not source.bucket.take(len(inner) + RELAY_OVERHEAD, now, debt=True):
             self._relay_drops["rate_limited"] += 1
             return None
         self._relayed += 1
