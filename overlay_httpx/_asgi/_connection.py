@@ -12,6 +12,12 @@ half a frame on the wire; others wait for it.
 A peer that breaks the protocol gets a GOAWAY and loses this connection only.
 Graceful shutdown sends a GOAWAY of our own making (h2 would stop all sending
 after its own), refuses streams past it, and lets the rest finish.
+
+Half-open connections and requests are reaped: when nothing has arrived from
+the peer for `idle_timeout` seconds (nor has a request ended), a connection
+with no requests gets a graceful GOAWAY and closes (this also ends streams that never sent the
+preface), and a request whose app waits in ``receive()`` for a body that has
+stopped coming is reset, its app seeing ``http.disconnect``.
 """
 
 from __future__ import annotations
@@ -117,6 +123,7 @@ class Connection:
         info: ConnectionInfo,
         *,
         max_concurrent_streams: int,
+        idle_timeout: float | None = None,
     ) -> None:
         self._stream = stream
         self._app = app
@@ -136,6 +143,8 @@ class Connection:
         self._draining = False
         self._goaway_last: int | None = None
         self._peer = stream.extra(OverlayAttribute.peer_address)
+        self._idle_timeout = idle_timeout
+        self._last_active = 0.0  # anyio.current_time() of the last bytes in or request done
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -147,6 +156,10 @@ class Connection:
                 self._task_group = task_group
                 h2.initiate_connection()
                 h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+                reaper = anyio.CancelScope()
+                if self._idle_timeout is not None:
+                    self._last_active = anyio.current_time()
+                    task_group.start_soon(self._reap_idle, self._idle_timeout, reaper)
                 # Our SETTINGS leave with the answer to the client's preface (the
                 # client always speaks first), one datagram instead of two.
                 with anyio.CancelScope() as scope:
@@ -154,6 +167,7 @@ class Connection:
                     if not self._stop_reading_now:
                         await self._read_loop()
                 self._read_scope = None
+                reaper.cancel()
         finally:
             self._task_group = None
             with anyio.CancelScope(shield=True):
@@ -216,13 +230,38 @@ class Connection:
         self.dead = True
         await stream.aclose()
 
+    async def _reap_idle(self, idle: float, scope: anyio.CancelScope) -> None:
+        """Close the connection, or reset starved requests, once the peer falls silent."""
+        with scope:
+            while not self.dead:
+                await anyio.sleep_until(self._last_active + idle)
+                if anyio.current_time() < self._last_active + idle:
+                    continue  # something arrived meanwhile
+                if not self.requests:
+                    logger.debug("HTTP/2 connection from %s idle %gs: closing", self._peer, idle)
+                    self.start_shutdown()
+                    return
+                for request in list(self.requests.values()):
+                    if request.starved:
+                        logger.debug(
+                            "request on stream %d got no body for %gs: reset",
+                            request.stream_id,
+                            idle,
+                        )
+                        request._reset(ErrorCodes.CANCEL)
+                self._last_active = anyio.current_time()
+                await self.flush(wait=False)
+
     # -- reading -----------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         stream, h2 = self._stream, self.h2
+        timed = self._idle_timeout is not None
         while True:
             try:
                 data = await stream.receive(RECEIVE_SIZE)
+                if timed:
+                    self._last_active = anyio.current_time()
             except anyio.EndOfStream:
                 self._mark_dead("the peer closed the stream")
                 return
@@ -353,6 +392,8 @@ class Connection:
             request.finish()
             self.blocked.discard(request)
             del self.requests[request.stream_id]
+            if self._idle_timeout is not None:
+                self._last_active = anyio.current_time()  # idle from the last answer on
             if self._draining and not self.requests:
                 self._stop_reading()
         await self.flush()

@@ -162,6 +162,15 @@ class Request:
         self._wake_reader()
         self.wake_writer()
 
+    @property
+    def starved(self) -> bool:
+        """The app waits in ``receive()`` for body data the client has stopped sending.
+
+        Everything received has been handed over (and its window given back),
+        so only the client can be holding things up.
+        """
+        return self.receivers > 0 and not self.body and not self.body_ended and not self.gone
+
     def close_stream(self) -> None:
         if not self.stream_closed:
             self.stream_closed = True

@@ -50,6 +50,12 @@ class OverlayServer:
     proved them, and the tunnel's ``path`` ("direct" or "relayed"), so an app
     can authorize callers by key. ``scope["client"]`` is the caller's overlay
     address and port 0 (overlay streams have no source port).
+
+    When nothing arrives from a peer for `idle_timeout` seconds (None: never),
+    its connection closes gracefully if no request is open (clients reconnect
+    without a round trip, and streams that never spoke HTTP/2 are freed), and
+    a request whose app waits for a body that stopped coming is reset (the app
+    sees ``http.disconnect``).
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class OverlayServer:
         max_header_list_size: int = 65536,
         max_body_size: int | None = None,
         shutdown_timeout: float = 5.0,
+        idle_timeout: float | None = 60.0,
     ) -> None:
         if max_body_size is not None and (
             isinstance(max_body_size, bool)
@@ -87,6 +94,10 @@ class OverlayServer:
             )
         if shutdown_timeout < 0:
             raise LocalProtocolError(f"shutdown_timeout={shutdown_timeout}: expected >= 0")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise LocalProtocolError(
+                f"idle_timeout={idle_timeout!r}: expected seconds > 0, or None to never reap"
+            )
         if root_path.endswith("/"):
             raise LocalProtocolError(f"root_path={root_path!r}: must not end with '/'")
         self._app = app
@@ -98,6 +109,7 @@ class OverlayServer:
         self._max_header_list_size = max_header_list_size
         self._max_body_size = max_body_size
         self._shutdown_timeout = shutdown_timeout
+        self._idle_timeout = idle_timeout
         self._connections: set[Connection] = set()
         self._connections_changed: anyio.Event | None = None
         self._listener: OverlayListener | None = None
@@ -208,6 +220,7 @@ class OverlayServer:
                 self._app,
                 self._info(stream, state),
                 max_concurrent_streams=self._max_streams,
+                idle_timeout=self._idle_timeout,
             )
             self._connections.add(connection)
             task_group.start_soon(self._run_connection, connection)
@@ -267,6 +280,7 @@ async def serve(
     max_header_list_size: int = 65536,
     max_body_size: int | None = None,
     shutdown_timeout: float = 5.0,
+    idle_timeout: float | None = 60.0,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI 3 app on overlay `port` of `node` over HTTP/2 until cancelled.
@@ -290,5 +304,6 @@ async def serve(
         max_header_list_size=max_header_list_size,
         max_body_size=max_body_size,
         shutdown_timeout=shutdown_timeout,
+        idle_timeout=idle_timeout,
     )
     await server.serve(task_status=task_status)

@@ -1,0 +1,169 @@
+"""Half-open connections and requests are reaped once their peer falls silent.
+
+The server's `idle_timeout` is set small here; everything else is awaited: a
+silent stream's end-of-stream, a response's reset, a PING round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from _h2client import h2_connect, served
+from fastapi import FastAPI, Request
+from h2.errors import ErrorCodes
+from starlette.requests import ClientDisconnect
+
+from overlay_httpx import OverlayStream, OverlayTransport
+from overlay_httpx._asgi import OverlayServer
+from overlay_httpx._exceptions import LocalProtocolError
+
+pytestmark = pytest.mark.anyio
+
+IDLE = 0.3
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+GOAWAY_NO_ERROR = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"  # the frame header; then the ids
+
+
+async def _read_to_end(stream: OverlayStream) -> bytes:
+    """Everything the server writes before it ends the stream (which it must, and soon)."""
+    data = b""
+    with anyio.fail_after(IDLE * 20):
+        while True:
+            try:
+                data += await stream.receive()
+            except anyio.EndOfStream:
+                return data
+
+
+def _echo_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/")
+    async def root() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+async def test_silent_connections_are_closed_while_an_active_one_is_served() -> None:
+    async with (
+        served(_echo_app(), idle_timeout=IDLE) as (server, client_node),
+        h2_connect(client_node, server) as active,
+    ):
+        silent = [await client_node.connect(server.node.address, 80) for _ in range(40)]
+        for i, stream in enumerate(silent):
+            # Half stop inside the preface, half after it and their SETTINGS.
+            await stream.send(PREFACE[:5] if i % 2 else PREFACE + EMPTY_SETTINGS)
+        served_meanwhile = 0
+        async with anyio.create_task_group() as tg:
+            endings: list[bytes] = []
+
+            async def wait_end(stream: OverlayStream) -> None:
+                endings.append(await _read_to_end(stream))
+
+            for stream in silent:
+                tg.start_soon(wait_end, stream)
+            while len(endings) < len(silent):  # the active connection keeps asking
+                response = await active.request("GET", "/")
+                assert response.status == 200
+                served_meanwhile += 1
+        # Each silent stream got the server's SETTINGS and a graceful GOAWAY, then its end.
+        assert all(data.endswith(b"\x00" * 8) and GOAWAY_NO_ERROR in data for data in endings)
+        assert served_meanwhile > 0
+        assert server.connections == 1  # only the active one is left
+        response = await active.request("GET", "/")
+        assert response.status == 200
+        assert active.goaway is None
+        for stream in silent:
+            await stream.aclose()
+
+
+async def test_a_request_whose_body_stops_coming_is_reset_and_its_app_told() -> None:
+    app = FastAPI()
+    outcome: list[str] = []
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+        except ClientDisconnect:
+            outcome.append(f"disconnected after {size} bytes")
+            raise
+        return {"size": size}
+
+    @app.get("/")
+    async def root() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with (
+        served(app, idle_timeout=IDLE) as (server, client_node),
+        h2_connect(client_node, server) as client,
+    ):
+        stalled = client.open("POST", "/upload", end_stream=False)
+        await client.send_body(stalled.stream_id, b"x" * 10, end_stream=False)
+        with anyio.fail_after(IDLE * 20):
+            await stalled.wait_end()
+        assert stalled.reset_code == ErrorCodes.CANCEL
+        assert stalled.status is None
+        await client.ping()  # the app has run its except clause by now
+        assert outcome == ["disconnected after 10 bytes"]
+        response = await client.request("GET", "/")  # the connection carries on
+        assert response.status == 200
+        assert client.goaway is None
+
+
+async def test_a_long_request_on_a_silent_connection_is_not_reaped() -> None:
+    app = FastAPI()
+
+    @app.post("/slow")
+    async def slow(request: Request) -> dict[str, int]:
+        await anyio.sleep(IDLE * 3)  # stands for a model computing while the client waits
+        return {"size": len(await request.body())}
+
+    async with (
+        served(app, idle_timeout=IDLE) as (server, client_node),
+        h2_connect(client_node, server) as client,
+    ):
+        complete = await client.request("POST", "/slow", b"y" * 100)
+        assert complete.status == 200
+        assert complete.body == b'{"size":100}'
+        # The app has not read a body that is all there: the client is not to blame.
+        partial = client.open("POST", "/slow", end_stream=False)
+        await client.send_body(partial.stream_id, b"z" * 50, end_stream=False)
+        stamp = anyio.current_time()
+        with anyio.fail_after(IDLE * 20):
+            await partial.wait_end()  # the app's read then starved: reset, not before
+        assert partial.reset_code == ErrorCodes.CANCEL
+        assert anyio.current_time() - stamp >= IDLE * 3
+        assert client.goaway is None
+
+
+async def test_httpx_reconnects_without_a_retry_after_its_idle_connection_closed() -> None:
+    async with served(_echo_app(), idle_timeout=IDLE) as (server, client_node):
+        transport = OverlayTransport(client_node)
+        async with httpx.AsyncClient(transport=transport) as client:
+            url = f"http://{server.node.address.host}/"
+            first = await client.get(url)
+            assert first.status_code == 200
+            # A later, silent stream is reaped after the client's idle connection was.
+            marker = await client_node.connect(server.node.address, 80)
+            await marker.send(PREFACE[:5])  # a stream the server only learns of from data
+            await _read_to_end(marker)
+            await marker.aclose()
+            assert server.connections == 0
+            second = await client.get(url)
+            assert second.status_code == 200
+            assert second.extensions["overlay"]["attempts"] == 1  # it knew, no failed try
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan")])
+async def test_idle_timeout_must_be_positive(value: Any) -> None:
+    async with served(_echo_app()) as (server, _client_node):
+        with pytest.raises(LocalProtocolError, match="idle_timeout="):
+            OverlayServer(_echo_app(), server.node, port=81, idle_timeout=value)
