@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from _fuzzing import fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,6 +76,8 @@ def test_any_flipped_bit_in_first_message_is_rejected(index: int) -> None:
         resp.read_message(bytes(m1))
 
 
+@pytest.mark.fuzz
+@fuzz_settings(100)
 @given(st.binary(max_size=300))
 def test_garbage_first_message_raises_only_decrypt_error(data: bytes) -> None:
     _, resp, _, _ = _ik_pair()

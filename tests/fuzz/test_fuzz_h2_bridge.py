@@ -44,9 +44,10 @@ the test would work too but bypasses the ``anyio_backend`` fixture.
 Examples are derandomized (the same 100 per test and backend on every run,
 so CI is reproducible), never saved to a database, and take a few seconds.
 
-Long-run mode: set ``OVERLAY_FUZZ_EXAMPLES`` to raise the number of examples
-per test and backend; it also switches to random examples (a new search
-every run; a failure prints the ``@reproduce_failure`` blob to replay it)::
+Long-run mode (``tests/_fuzzing.py``, shared by every fuzzer): set
+``OVERLAY_FUZZ_EXAMPLES`` to raise the number of examples per test and
+backend; it also switches to random examples (a new search every run; a
+failure prints the ``@reproduce_failure`` blob to replay it)::
 
     OVERLAY_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/fuzz -x -q
 
@@ -61,7 +62,6 @@ Since then, 6000 random examples per test and backend pass.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -71,26 +71,21 @@ from typing import Any
 import anyio
 import hpack
 import pytest
+from _fuzzing import fuzz_settings
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from overlay_httpx import Identity, Node, OverlayServer
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.fuzz]
 
-_LONG_RUN = "OVERLAY_FUZZ_EXAMPLES" in os.environ
-EXAMPLES = int(os.environ.get("OVERLAY_FUZZ_EXAMPLES", "100"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=not _LONG_RUN,
-    print_blob=True,
+FUZZ = fuzz_settings(
+    100,
     suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
+        HealthCheck.function_scoped_fixture,  # the bridge fixture is reused on purpose
         HealthCheck.too_slow,
         HealthCheck.data_too_large,
     ],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from _fuzzing import fuzz_settings
 from _harness import A_ADDR, B_ADDR, make_pair
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay_httpx import Address, Identity
@@ -34,8 +36,10 @@ def _real_datagrams() -> tuple[Endpoint, list[bytes]]:
 
 RECEIVER, SEEDS = _real_datagrams()
 
+pytestmark = pytest.mark.fuzz
 
-@settings(max_examples=300)
+
+@fuzz_settings(300)
 @given(st.binary(max_size=1500))
 def test_random_datagrams(data: bytes) -> None:
     before = _ENDPOINT.statistics().dropped
@@ -45,7 +49,7 @@ def test_random_datagrams(data: bytes) -> None:
     assert "internal_error" not in stats.drops
 
 
-@settings(max_examples=300)
+@fuzz_settings(300)
 @given(
     st.sampled_from(SEEDS),
     st.lists(st.tuples(st.integers(0, 1499), st.integers(0, 255)), min_size=1, max_size=8),

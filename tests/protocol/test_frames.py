@@ -4,7 +4,8 @@ import contextlib
 from typing import get_args
 
 import pytest
-from hypothesis import given, settings
+from _fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay_httpx._exceptions import FrameError
@@ -404,7 +405,8 @@ frames_st: st.SearchStrategy[Frame] = st.one_of(
 )
 
 
-@settings(max_examples=300)
+@pytest.mark.fuzz
+@fuzz_settings(300)
 @given(st.lists(frames_st, max_size=12), st.booleans())
 def test_frames_roundtrip(frames: list[Frame], last: bool) -> None:
     raw = encode(*frames, last=last)
@@ -418,7 +420,8 @@ def test_frames_roundtrip(frames: list[Frame], last: bool) -> None:
         assert encoded_size(f) == len(encode(f))
 
 
-@settings(max_examples=1000)
+@pytest.mark.fuzz
+@fuzz_settings(1000)
 @given(st.binary(max_size=200))
 def test_random_bytes_only_raise_frame_error(raw: bytes) -> None:
     try:
@@ -428,7 +431,8 @@ def test_random_bytes_only_raise_frame_error(raw: bytes) -> None:
     assert all(isinstance(f, get_args(Frame)) for f in frames)
 
 
-@settings(max_examples=500)
+@pytest.mark.fuzz
+@fuzz_settings(500)
 @given(st.lists(frames_st, min_size=1, max_size=5), st.data())
 def test_mutated_frames_only_raise_frame_error(frames: list[Frame], data: st.DataObject) -> None:
     raw = bytearray(encode(*frames))

@@ -5,7 +5,8 @@ import json
 import struct
 
 import pytest
-from hypothesis import given, settings
+from _fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay_httpx._exceptions import RegistryProtocolError
@@ -29,7 +30,7 @@ from overlay_httpx._rendezvous._messages import (
     request,
 )
 
-FUZZ = settings(max_examples=200, deadline=None)
+FUZZ = fuzz_settings(200)
 
 
 def frame(payload: bytes) -> bytes:
@@ -301,6 +302,7 @@ def test_describe_is_short_and_safe() -> None:
 # -- fuzzing -------------------------------------------------------------------------------------
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(st.lists(st.binary(max_size=64), max_size=8))
 def test_fuzz_decoder_raises_only_protocol_errors(chunks: list[bytes]) -> None:
@@ -315,6 +317,7 @@ def test_fuzz_decoder_raises_only_protocol_errors(chunks: list[bytes]) -> None:
                 parse_message(obj)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(st.binary(max_size=200))
 def test_fuzz_framed_garbage(payload: bytes) -> None:
@@ -348,6 +351,7 @@ arg_objects = st.dictionaries(
 ids = st.integers(min_value=0, max_value=MAX_ID)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(
     st.lists(
@@ -385,6 +389,7 @@ def test_fuzz_round_trip(messages: list[dict[str, object]], data: st.DataObject)
             assert push(parsed.name, parsed.data) == obj
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(json_values)
 def test_fuzz_parse_message_on_any_json(value: object) -> None:
