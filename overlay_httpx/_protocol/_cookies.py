@@ -2,8 +2,9 @@
 
 A responder does Diffie-Hellman work for every initiation that passes mac1,
 and mac1 only proves knowledge of the responder's public key. Under load
-(more handshakes per second than `handshake_rate_limit`, or too many
-handshakes that were answered and never confirmed) it stops doing that work
+(more handshakes per second than `handshake_rate_limit`, with bursts of a
+tenth of that, or too many handshakes that were answered and never
+confirmed) it stops doing that work
 for initiations without a valid `mac2` and answers them with a small COOKIE
 datagram instead: no state is kept, and the reply is smaller than the
 initiation, so a spoofed source gains nothing. The cookie is a MAC of the
@@ -48,9 +49,10 @@ class CookieReply:
     """Build and open COOKIE datagrams (the reply to an initiation sent while under load)."""
 
     @staticmethod
-    def build(key: bytes, receiver_index: int, cookie: bytes, init_mac1: bytes) -> bytes:
+    def build(aead: AESGCM, receiver_index: int, cookie: bytes, init_mac1: bytes) -> bytes:
+        """A COOKIE sealed with `aead` (an `AESGCM` of the responder's `cookie_key`)."""
         nonce = os.urandom(12)
-        sealed = AESGCM(key).encrypt(nonce, cookie, init_mac1)
+        sealed = aead.encrypt(nonce, cookie, init_mac1)
         return _HEAD.pack(TYPE_COOKIE, receiver_index, nonce) + sealed
 
     @staticmethod
@@ -82,26 +84,26 @@ class CookieChecker:
         source_rate: float,
         source_burst: float,
     ) -> None:
-        self._reply_key = cookie_key(static_public)
-        self._rate_limit = rate_limit
+        self._reply_aead = AESGCM(cookie_key(static_public))  # made once: floods reply a lot
         self._source_rate = source_rate
         self._source_burst = source_burst
         self._secrets: list[bytes] = [os.urandom(32)]
         self._secret_born: float | None = None
-        self._window_start = 0.0
-        self._window_count = 0
+        # A small burst: the budget's Diffie-Hellman work is spread over the second
+        # rather than done back to back, which would stall the event loop.
+        self._budget = TokenBucket(rate_limit, max(1.0, rate_limit / 10))
         self._sources: dict[str, TokenBucket] = {}
         self.cookies_sent = 0
+        self.handshakes_computed = 0
+        """Initiations that got as far as Diffie-Hellman work."""
 
     def under_load(self, now: float, pending: int, max_pending: int) -> bool:
-        if now - self._window_start >= 1.0:
-            self._window_start = now
-            self._window_count = 0
-        return self._window_count >= self._rate_limit or pending >= max_pending
+        return self._budget.available(now) < 1.0 or pending >= max_pending
 
-    def note_handshake(self) -> None:
-        """One initiation got as far as Diffie-Hellman work."""
-        self._window_count += 1
+    def note_handshake(self, now: float) -> None:
+        """One initiation got as far as Diffie-Hellman work (mac2-proven ones may overdraw)."""
+        self.handshakes_computed += 1
+        self._budget.charge(1.0, now)
 
     def _rotate(self, now: float) -> None:
         if self._secret_born is None:
@@ -132,7 +134,7 @@ class CookieChecker:
         self._rotate(now)
         self.cookies_sent += 1
         cookie = self._cookie(self._secrets[0], addr)
-        return CookieReply.build(self._reply_key, sender_index, cookie, init_mac1)
+        return CookieReply.build(self._reply_aead, sender_index, cookie, init_mac1)
 
     def allow_source(self, addr: tuple[str, int], now: float) -> bool:
         """Token bucket per source IP address, for initiations that carried a valid mac2."""

@@ -88,6 +88,11 @@ class Endpoint:
         self._timestamp_origin = timestamp_origin_ns
         self._last_timestamp = 0
         self._tunnels: dict[bytes, Tunnel] = {}
+        # Tunnels that exist only because we answered a new peer's handshake, oldest
+        # first (their expiry order), kept out of `_live`: under a handshake flood
+        # they number a thousand, and every flush and timer walks `_live` alone.
+        self._dormant: dict[bytes, Tunnel] = {}
+        self._live: dict[bytes, Tunnel] = {}
         self._indexes: dict[int, Tunnel] = {}
         self._accepted_timestamps: dict[bytes, int] = {}
         self._listening: set[int] = set()
@@ -156,7 +161,10 @@ class Endpoint:
 
     def tunnel(self, peer: PublicIdentity | bytes) -> Tunnel | None:
         key = peer.x25519 if isinstance(peer, PublicIdentity) else peer
-        return self._tunnels.get(key)
+        tunnel = self._tunnels.get(key)
+        if tunnel is not None and key in self._dormant:
+            self._wake(tunnel)  # the application is about to use it
+        return tunnel
 
     def tunnels(self) -> list[Tunnel]:
         return list(self._tunnels.values())
@@ -174,8 +182,14 @@ class Endpoint:
             )
         if tunnel is None or tunnel.is_closed:
             tunnel = self._tunnels[key] = Tunnel(self, key, addr)
+        self._wake(tunnel)
         tunnel.connect(now)
         return tunnel
+
+    def _wake(self, tunnel: Tunnel) -> None:
+        """`tunnel` takes part in flushes and timers from now on."""
+        self._dormant.pop(tunnel.peer, None)
+        self._live[tunnel.peer] = tunnel
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -210,6 +224,8 @@ class Endpoint:
             if tunnel is None or session is None:
                 self._drops["unknown_session"] += 1
                 return
+            if tunnel.peer in self._dormant:
+                self._wake(tunnel)  # the peer confirms the handshake we answered
             tunnel.handle_data(session, counter, data, addr, now)
         elif kind == TYPE_INIT:
             self._on_initiation(data, addr, now)
@@ -229,6 +245,7 @@ class Endpoint:
             if cookie_index is None or owner is None:
                 self._drops["unknown_session"] += 1
                 return
+            self._wake(owner)
             owner.handle_cookie(data, cookie_index, now)
         elif kind == TYPE_RELAY:
             self._on_relay(data, addr, now)
@@ -285,7 +302,7 @@ class Endpoint:
             if not cookies.allow_source(addr, now):
                 self._drops["handshake_rate_limited"] += 1
                 return
-        cookies.note_handshake()
+        cookies.note_handshake(now)
         accepted = accept_initiation(self.keys, init, self.count_drop)
         if accepted is None:
             return
@@ -318,6 +335,11 @@ class Endpoint:
         self._accepted_timestamps[peer] = accepted.hello.timestamp
         if tunnel is None or tunnel.is_closed:
             tunnel = self._tunnels[peer] = Tunnel(self, peer, addr)
+            self._live.pop(peer, None)
+            self._dormant[peer] = tunnel
+        elif peer in self._dormant:
+            del self._dormant[peer]  # a retried initiation: it expires later now
+            self._dormant[peer] = tunnel
         self._out.append((tunnel.handle_initiation(accepted, addr, now), addr))
 
     def _forget_strangers(self) -> None:
@@ -327,15 +349,13 @@ class Endpoint:
         }
 
     def _pending_handshakes(self) -> int:
-        """Tunnels that only exist because we answered a handshake (cheap when few tunnels)."""
-        if len(self._tunnels) < self.config.max_pending_handshakes:
-            return len(self._tunnels)  # an upper bound is enough below the limit
-        return sum(1 for t in self._tunnels.values() if t.awaiting_confirmation)
+        """Tunnels that only exist because we answered a new peer's handshake."""
+        return len(self._dormant)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
         out = self._out
         self._out = []
-        for tunnel in self._tunnels.values():
+        for tunnel in self._live.values():
             out.extend(tunnel.datagrams_to_send(now))
         if self.relay is not None:  # only then can a virtual relay address exist
             out = self._wrap_relayed(out)
@@ -356,19 +376,43 @@ class Endpoint:
         return wrapped
 
     def get_timer(self) -> float | None:
-        timers = [t for t in (tun.get_timer() for tun in self._tunnels.values()) if t is not None]
-        return min(timers) if timers else None
+        best: float | None = None
+        for tunnel in self._live.values():
+            timer = tunnel.get_timer()
+            if timer is not None and (best is None or timer < best):
+                best = timer
+        if self._dormant:
+            timer = next(iter(self._dormant.values())).get_timer()  # the first to expire
+            if timer is not None and (best is None or timer < best):
+                best = timer
+        return best
 
     def handle_timer(self, now: float) -> None:
-        for peer, tunnel in list(self._tunnels.items()):
+        for tunnel in list(self._live.values()):
             tunnel.handle_timer(now)
             if tunnel.is_closed and tunnel.is_drained(now):
-                for session in tunnel.sessions():
-                    self.release_index(session.local_index)
-                del self._tunnels[peer]
-                if not tunnel.ever_established:
-                    # Nothing to protect against replays for: keep memory bounded under floods.
-                    self._accepted_timestamps.pop(peer, None)
+                self._forget(tunnel)
+        while self._dormant:
+            tunnel = next(iter(self._dormant.values()))
+            timer = tunnel.get_timer()
+            if timer is None or timer > now:
+                break
+            tunnel.handle_timer(now)
+            if tunnel.is_closed:  # never confirmed: no one to drain anything for
+                self._forget(tunnel)
+            else:
+                self._wake(tunnel)
+
+    def _forget(self, tunnel: Tunnel) -> None:
+        peer = tunnel.peer
+        for session in tunnel.sessions():
+            self.release_index(session.local_index)
+        del self._tunnels[peer]
+        self._live.pop(peer, None)
+        self._dormant.pop(peer, None)
+        if not tunnel.ever_established:
+            # Nothing to protect against replays for: keep memory bounded under floods.
+            self._accepted_timestamps.pop(peer, None)
 
     @property
     def dropped(self) -> int:
