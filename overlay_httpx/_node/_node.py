@@ -39,7 +39,7 @@ from .._protocol._tunnel import Tunnel
 from ._discovery import PeerBook, PeerInfo, check_tags, make_client
 from ._discovery import network_key as make_network_key
 from ._router import Router
-from ._stream import OverlayListener, OverlayStream, Path
+from ._stream import OverlayListener, OverlayStream, Path, Waiter, waiter_factory
 from ._trust import TrustPolicy
 from ._udp import DEFAULT_BUFFER_BYTES, Addr, UdpSocket, loop_clock, parse_endpoint
 
@@ -196,6 +196,7 @@ class Node:
         self._udp: UdpSocket | None = None
         self._stack: AsyncExitStack | None = None
         self._clock: Callable[[], float] = time.monotonic
+        self._new_waiter: Callable[[], Waiter] = anyio.Event  # what streams wait on
         self._deadline = math.inf  # when the endpoint needs handle_timer
         self._armed = math.inf  # when the timer task will wake (never later than that)
         self._timer_scope: anyio.CancelScope | None = None
@@ -214,6 +215,7 @@ class Node:
                 f"this Node is {self._state}; create a new Node to start again"
             )
         self._clock = loop_clock()
+        self._new_waiter = waiter_factory()
         now = self._clock()
         self._endpoint = Endpoint(
             self._identity,

@@ -93,6 +93,8 @@ class Router:
 
     def process(self, endpoint: Endpoint) -> None:
         """Act on every event the endpoint has queued."""
+        if not endpoint.events:
+            return  # the usual flush: nothing happened (runs after every one)
         streams = self.streams
         while (event := endpoint.next_event()) is not None:
             kind = type(event)

@@ -72,11 +72,11 @@ class AckState:
 
     def frame(self, now: float) -> Ack | None:
         """The ACK frame for everything remembered, or None before any packet."""
-        if not len(self._received):
+        received = self._received
+        if not len(received):
             return None
-        ranges = tuple((lo, hi - 1) for lo, hi in reversed(self._received.ranges()))
-        delay = int(max(now - self._largest_time, 0.0) * 1e6)
-        return Ack(ranges=ranges, ack_delay=delay)
+        delay = now - self._largest_time
+        return Ack(received.inclusive_descending(), int(delay * 1e6) if delay > 0.0 else 0)
 
     def sent(self) -> None:
         """An ACK left: nothing is owed until the next ack-eliciting packet."""

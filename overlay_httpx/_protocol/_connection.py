@@ -499,19 +499,50 @@ class Connection:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def deadlines(self, last_sent: float) -> list[float]:
-        """When loss detection, a delayed ACK or the pacer next need the tunnel's timer."""
-        candidates: list[float] = []
-        loss = self._recovery.get_loss_detection_timer()
-        if loss is not None:
-            candidates.append(loss)
-        if self._acks.deadline is not None:
-            candidates.append(self._acks.deadline)
+    def next_deadline(self, last_sent: float) -> float | None:
+        """When loss detection, a delayed ACK or the pacer next need the tunnel's timer.
+
+        The earliest of the three, or None; runs after every flush, so it builds no list.
+        """
+        best = self._recovery.get_loss_detection_timer()
+        ack = self._acks.deadline
+        if ack is not None and (best is None or ack < best):
+            best = ack
         if self._send_queue or self._control:
-            pace = self._pacer.next_send_time(last_sent, self._config.max_datagram_size)
-            if pace is not None and self._congestion.can_send(self._config.max_datagram_size):
-                candidates.append(pace)
-        return candidates
+            size = self._config.max_datagram_size
+            pace = self._pacer.next_send_time(last_sent, size)
+            if (
+                pace is not None
+                and (best is None or pace < best)
+                and self._congestion.can_send(size)
+            ):
+                best = pace
+        return best
+
+    def has_work(self, now: float) -> bool:
+        """Whether `fill` would put anything in a packet (or try to, window permitting).
+
+        False means nothing is queued, no probe is owed and no ACK is due yet:
+        `fill` would return no frames, and the caller runs `on_nothing_to_send`
+        instead, which is all `fill` would have done.
+        """
+        if self._send_queue or self._control or self._max_data_update or self._probes:
+            return True
+        deadline = self._acks.deadline
+        return deadline is not None and deadline <= now
+
+    def on_nothing_to_send(self, now: float) -> None:
+        """What `fill` does when `has_work` is False: tell congestion control why we stopped.
+
+        With room in the window (and no pacing delay) the application is what
+        limits us (RFC 9002 §7.8), else the window is. BBR re-marks its
+        app-limited bubble on every call, so this runs whenever `fill` would.
+        """
+        size = self._config.max_datagram_size
+        if not self._congestion.can_send(size):
+            self._congestion.set_app_limited(False)
+        elif self._pacer.next_send_time(now, size) is None:
+            self._congestion.set_app_limited(True)
 
     def on_packet_sent(
         self, pn: int, frames: list[Frame], size: int, now: float, eliciting: bool | None

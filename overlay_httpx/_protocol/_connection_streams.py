@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._config import TunnelConfig
+from ._fastinit import fast_frozen_init
 from ._frames import Frame, MaxStreamData, ResetStream, StopSending, Stream
 from ._streams import FlowWindow, RecvBuffer, SendBuffer, SendCredit
 
@@ -112,6 +113,7 @@ class StreamState:
         return control
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class StreamRef:
     """What recovery remembers of a sent STREAM frame: where, not the bytes."""

@@ -96,7 +96,9 @@ class Endpoint:
         self._indexes: dict[int, Tunnel] = {}
         self._accepted_timestamps: dict[bytes, int] = {}
         self._listening: set[int] = set()
-        self._events: deque[Event] = deque()
+        self.events: deque[Event] = deque()
+        """Events not yet taken, oldest first (`next_event` pops them). Most flushes
+        leave it empty, so a driver tests it before calling `next_event`."""
         self._out: list[tuple[bytes, tuple[str, int]]] = []
         self._drops: Counter[str] = Counter()
         self._received = 0
@@ -144,7 +146,7 @@ class Endpoint:
         return stamp
 
     def emit(self, event: Event) -> None:
-        self._events.append(event)
+        self.events.append(event)
 
     def count_drop(self, reason: str) -> None:
         self._drops[reason] += 1
@@ -192,7 +194,7 @@ class Endpoint:
         self._live[tunnel.peer] = tunnel
 
     def next_event(self) -> Event | None:
-        return self._events.popleft() if self._events else None
+        return self.events.popleft() if self.events else None
 
     def close(self, now: float, reason: str = "endpoint closed") -> None:
         for tunnel in self._tunnels.values():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from .._exceptions import FrameError
+from ._fastinit import fast_frozen_init
 
 __all__ = [
     "MAX_REASON_SIZE",
@@ -62,6 +63,8 @@ _STREAM: Final = 0x08
 _STREAM_OFF: Final = 0x04
 _STREAM_LEN: Final = 0x02
 _STREAM_FIN: Final = 0x01
+_STREAM_OFF_LEN: Final = _STREAM | _STREAM_OFF | _STREAM_LEN
+_STREAM_PORT_LEN: Final = _STREAM | _STREAM_LEN
 _MAX_DATA: Final = 0x10
 _MAX_STREAM_DATA: Final = 0x11
 _MAX_STREAMS: Final = 0x12
@@ -93,6 +96,7 @@ class Ping:
     """Asks for an acknowledgement and nothing else (keepalive, loss probe)."""
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Ack:
     """Acknowledged packet numbers.
@@ -123,6 +127,7 @@ class StopSending:
     error_code: int
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Stream:
     """Stream bytes at ``offset``; ``port`` is set exactly when ``offset == 0``."""
@@ -374,7 +379,46 @@ def encode_frame(frame: Frame, out: bytearray, *, last: bool = False) -> None:
     ``last=True`` means the frame ends the packet: a STREAM frame then omits its
     length field and its data runs to the end of the payload. Other frames
     ignore it. Values the wire cannot carry raise ValueError (a local bug).
+
+    The two frames of nearly every packet, a STREAM frame with a length and a
+    single-range ACK, are written here directly: building `_layout`'s field
+    list costs more than the encoding. Each shortcut is taken only when the
+    frame passes the checks `_layout` would make, writes the same fields in
+    the same order (so even a varint error leaves ``out`` as `_layout` would),
+    and anything else goes the generic way.
     """
+    if type(frame) is Stream and not last:
+        if offset := frame.offset:
+            data = frame.data
+            if frame.port is None and offset + len(data) <= MAX_VARINT:
+                out.append(_STREAM_OFF_LEN | (_STREAM_FIN if frame.fin else 0))
+                encode_varint(frame.stream_id, out)
+                encode_varint(offset, out)
+                encode_varint(len(data), out)
+                out += data
+                return
+        elif (port := frame.port) is not None and 0 <= port <= _MAX_PORT:
+            data = frame.data
+            out.append(_STREAM_PORT_LEN | (_STREAM_FIN if frame.fin else 0))
+            encode_varint(frame.stream_id, out)
+            encode_varint(port, out)
+            encode_varint(len(data), out)
+            out += data
+            return
+    elif type(frame) is Ack and len(frame.ranges) == 1:
+        smallest, largest = frame.ranges[0]
+        if 0 <= smallest <= largest:
+            out.append(_ACK)
+            encode_varint(largest, out)
+            encode_varint(frame.ack_delay, out)
+            out.append(0)  # no further ranges
+            encode_varint(largest - smallest, out)
+            return
+    _encode_generic(frame, out, last)
+
+
+def _encode_generic(frame: Frame, out: bytearray, last: bool) -> None:
+    """`encode_frame` for any frame, through `_layout` (the reference for the shortcuts)."""
     if isinstance(frame, Padding):
         out += bytes(_padding_length(frame))
         return
@@ -386,7 +430,30 @@ def encode_frame(frame: Frame, out: bytearray, *, last: bool = False) -> None:
 
 
 def encoded_size(frame: Frame) -> int:
-    """Bytes `encode_frame` appends for ``frame`` (with ``last=False``)."""
+    """Bytes `encode_frame` appends for ``frame`` (with ``last=False``).
+
+    With the same shortcuts as `encode_frame`, for the same reason.
+    """
+    if type(frame) is Stream:
+        if offset := frame.offset:
+            if frame.port is None and offset + (length := len(frame.data)) <= MAX_VARINT:
+                head = varint_size(frame.stream_id) + varint_size(offset) + varint_size(length)
+                return 1 + head + length
+        elif (port := frame.port) is not None and 0 <= port <= _MAX_PORT:
+            length = len(frame.data)
+            head = varint_size(frame.stream_id) + varint_size(port) + varint_size(length)
+            return 1 + head + length
+    elif type(frame) is Ack and len(frame.ranges) == 1:
+        smallest, largest = frame.ranges[0]
+        if 0 <= smallest <= largest:
+            # the type byte, largest, delay, a one-byte range count (0), the range
+            head = varint_size(largest) + varint_size(frame.ack_delay)
+            return 2 + head + varint_size(largest - smallest)
+    return _encoded_size_generic(frame)
+
+
+def _encoded_size_generic(frame: Frame) -> int:
+    """`encoded_size` for any frame, through `_layout` (the reference for the shortcuts)."""
     if isinstance(frame, Padding):
         return _padding_length(frame)
     _, fields, tail = _layout(frame, False)
@@ -406,18 +473,23 @@ def stream_frame_overhead(stream_id: int, offset: int, data_len: int, port: int 
 
 
 # -- decoding --------------------------------------------------------------------------------
-# Each parser takes the payload and the position after the type byte and returns
-# (frame, position after the frame). parse_frames names the frame in errors.
+# Each parser takes the payload (bytes: `parse_frames` copies a memoryview once) and the
+# position after the type byte, and returns (frame, position after the frame).
+# parse_frames names the frame in errors.
 
 
-def _parse_ack(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
+def _parse_ack(data: bytes, pos: int, ftype: int) -> tuple[Frame, int]:
     largest, pos = decode_varint(data, pos)
     delay, pos = decode_varint(data, pos)
     count, pos = decode_varint(data, pos)
     first, pos = decode_varint(data, pos)
+    smallest = largest - first
+    if not count:  # one range, the usual case: no list to build
+        if smallest < 0:
+            raise FrameError(f"first range {first} goes below packet 0")
+        return Ack(((smallest, largest),), delay), pos
     if count > (len(data) - pos) // 2:  # each range takes two bytes at least
         raise FrameError(f"range count {count} exceeds what the packet holds")
-    smallest = largest - first
     if smallest < 0:
         raise FrameError(f"first range {first} goes below packet 0")
     ranges = [(smallest, largest)]
@@ -433,8 +505,13 @@ def _parse_ack(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
     return Ack(tuple(ranges), delay), pos
 
 
-def _parse_stream(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
-    stream_id, pos = decode_varint(data, pos)
+def _parse_stream(data: bytes, pos: int, ftype: int) -> tuple[Frame, int]:
+    size = len(data)
+    if pos < size and data[pos] < 0x40:  # a one-byte stream id, the usual case
+        stream_id = data[pos]
+        pos += 1
+    else:
+        stream_id, pos = decode_varint(data, pos)
     port: int | None = None
     if ftype & _STREAM_OFF:
         offset, pos = decode_varint(data, pos)
@@ -448,17 +525,16 @@ def _parse_stream(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
     if ftype & _STREAM_LEN:
         length, pos = decode_varint(data, pos)
         end = pos + length
-        if end > len(data):
-            raise FrameError(f"length {length} exceeds the {len(data) - pos} bytes left")
+        if end > size:
+            raise FrameError(f"length {length} exceeds the {size - pos} bytes left")
     else:
-        end = len(data)
+        end = size
     if offset + (end - pos) > MAX_VARINT:
         raise FrameError("data ends beyond 2**62-1")
-    frame = Stream(stream_id, offset, bytes(data[pos:end]), bool(ftype & _STREAM_FIN), port)
-    return frame, end
+    return Stream(stream_id, offset, data[pos:end], bool(ftype & _STREAM_FIN), port), end
 
 
-def _parse_path(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
+def _parse_path(data: bytes, pos: int, ftype: int) -> tuple[Frame, int]:
     end = pos + _PATH_DATA_SIZE
     if end > len(data):
         raise FrameError("truncated data")
@@ -466,7 +542,7 @@ def _parse_path(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
     return (PathChallenge(raw) if ftype == _PATH_CHALLENGE else PathResponse(raw)), end
 
 
-def _parse_close(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
+def _parse_close(data: bytes, pos: int, ftype: int) -> tuple[Frame, int]:
     code, pos = decode_varint(data, pos)
     length, pos = decode_varint(data, pos)
     if length > MAX_REASON_SIZE:
@@ -479,10 +555,10 @@ def _parse_close(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
 
 def _ints(
     build: Callable[..., Frame], count: int
-) -> Callable[[_Buffer, int, int], tuple[Frame, int]]:
+) -> Callable[[bytes, int, int], tuple[Frame, int]]:
     """A parser for a frame of ``count`` varint fields passed to ``build`` in order."""
 
-    def parse(data: _Buffer, pos: int, ftype: int) -> tuple[Frame, int]:
+    def parse(data: bytes, pos: int, ftype: int) -> tuple[Frame, int]:
         values: list[int] = []
         for _ in range(count):
             value, pos = decode_varint(data, pos)
@@ -492,7 +568,7 @@ def _ints(
     return parse
 
 
-_Parser: TypeAlias = Callable[[_Buffer, int, int], tuple[Frame, int]]
+_Parser: TypeAlias = Callable[[bytes, int, int], tuple[Frame, int]]
 _PARSERS: Final[dict[int, tuple[str, _Parser]]] = {
     _PING: ("PING", lambda data, pos, t: (Ping(), pos)),
     _ACK: ("ACK", _parse_ack),

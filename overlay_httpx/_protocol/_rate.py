@@ -29,12 +29,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ._fastinit import fast_frozen_init
+
 if TYPE_CHECKING:
     from ._recovery import SentPacket
 
 __all__ = ["DeliveryRateEstimator", "RateSample", "RoundLoss", "WindowedMaxFilter"]
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class RateSample:
     """What one ACK says about the delivery rate (draft §3.3)."""

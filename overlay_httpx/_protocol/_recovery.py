@@ -25,6 +25,7 @@ from typing import Final
 
 from .._exceptions import LocalProtocolError, RemoteProtocolError
 from ._congestion import CongestionController, Pacer
+from ._fastinit import fast_frozen_init
 
 __all__ = [
     "GRANULARITY",
@@ -166,6 +167,7 @@ class RttEstimator:
         )
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class AckResult:
     """What one ACK frame changed."""

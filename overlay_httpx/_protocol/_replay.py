@@ -16,10 +16,11 @@ class ReplayWindow:
     have been accepted before and we no longer remember.
     """
 
-    __slots__ = ("_bits", "_highest", "_size")
+    __slots__ = ("_bits", "_highest", "_mask", "_size")
 
     def __init__(self, size: int = WINDOW_SIZE) -> None:
         self._size = size
+        self._mask = (1 << size) - 1  # made once: it is a `size`-bit integer
         self._highest = -1
         self._bits = 0  # bit i set <=> counter (highest - i) was seen
 
@@ -40,7 +41,7 @@ class ReplayWindow:
         """Record `counter` as seen; call only after the packet authenticated."""
         if counter > self._highest:
             shift = counter - self._highest
-            self._bits = ((self._bits << shift) | 1) & ((1 << self._size) - 1)
+            self._bits = ((self._bits << shift) | 1) & self._mask
             self._highest = counter
         else:
             self._bits |= 1 << (self._highest - counter)

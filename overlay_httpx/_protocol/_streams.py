@@ -64,6 +64,13 @@ class _RangeSet:
         """A copy of the intervals, lowest first."""
         return list(zip(self._starts, self._ends, strict=True))
 
+    def inclusive_descending(self) -> tuple[tuple[int, int], ...]:
+        """The intervals as inclusive ``(first, last)`` pairs, highest first (ACK order)."""
+        starts, ends = self._starts, self._ends
+        if len(starts) == 1:  # nothing missing, as on most paths: no generator
+            return ((starts[0], ends[0] - 1),)
+        return tuple((starts[i], ends[i] - 1) for i in range(len(starts) - 1, -1, -1))
+
     def total(self) -> int:
         """How many integers the set holds."""
         return sum(self._ends) - sum(self._starts)

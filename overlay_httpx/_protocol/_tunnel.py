@@ -562,29 +562,45 @@ class Tunnel:
         return max(self._last_sent, self._last_received) + ka
 
     def get_timer(self) -> float | None:
-        """The earliest time `handle_timer` must run, or None."""
-        if self.state == TunnelState.CLOSED:
+        """The earliest time `handle_timer` must run, or None.
+
+        It runs after every flush, so it keeps a running minimum (no list),
+        and works out the restart suspicion, which costs a probe-interval
+        computation, only when that could come first.
+        """
+        state = self.state
+        if state == TunnelState.CLOSED:
             assert self._closed_at is not None
             return self._closed_at + 3 * max(self._conn.pto_interval(), 0.1)
-        candidates: list[float] = []
+        cfg = self._config
+        best: float | None = None
         if self._handshake_started is not None:
-            candidates.append(self._handshake_started + self._config.handshake_timeout)
-            if self._handshake_retry_at is not None:
-                candidates.append(self._handshake_retry_at)
-        if self.state == TunnelState.ESTABLISHED:
-            candidates.append(self._last_received + self._config.idle_timeout)
-            candidates.extend(self._conn.deadlines(self._last_sent))
+            best = self._handshake_started + cfg.handshake_timeout
+            retry = self._handshake_retry_at
+            if retry is not None and retry < best:
+                best = retry
+        if state == TunnelState.ESTABLISHED:
+            idle = self._last_received + cfg.idle_timeout
+            if best is None or idle < best:
+                best = idle
+            deadline = self._conn.next_deadline(self._last_sent)
+            if deadline is not None and deadline < best:
+                best = deadline
             keepalive = self._keepalive_due()
-            if keepalive is not None:
-                candidates.append(keepalive)
-            suspect = self._suspect_restart_at()
-            if suspect is not None:
-                candidates.append(suspect)
-        if self._previous is not None:
-            candidates.append(self._previous_until)
-        if self._unconfirmed_until is not None:
-            candidates.append(self._unconfirmed_until)
-        return min(candidates) if candidates else None
+            if keepalive is not None and keepalive < best:
+                best = keepalive
+            waiting = self._waiting_since
+            # The suspicion comes _MIN_SILENCE after `waiting` at the earliest.
+            if waiting is not None and waiting + _MIN_SILENCE < best:
+                suspect = self._suspect_restart_at()
+                if suspect is not None and suspect < best:
+                    best = suspect
+        if self._previous is not None and (best is None or self._previous_until < best):
+            best = self._previous_until
+        unconfirmed = self._unconfirmed_until
+        if unconfirmed is not None and (best is None or unconfirmed < best):
+            best = unconfirmed
+        return best
 
     def handle_timer(self, now: float) -> None:
         if self.state == TunnelState.CLOSED:
@@ -703,14 +719,22 @@ class Tunnel:
         if self.state == TunnelState.CLOSED or session is None:
             return out
         budget = self._config.max_datagram_size - DATA_HEADER_SIZE - _TAG
-        for data, addr in self._responses:
-            out.append((self._send_packet(session, [PathResponse(data)], now), addr))
-        self._responses.clear()
-        for frame, addr in self._directed:
-            out.append((self._send_packet(session, [frame], now), addr))
-        self._directed.clear()
+        if self._responses:
+            for data, addr in self._responses:
+                out.append((self._send_packet(session, [PathResponse(data)], now), addr))
+            self._responses.clear()
+        if self._directed:
+            for frame, addr in self._directed:
+                out.append((self._send_packet(session, [frame], now), addr))
+            self._directed.clear()
+        conn = self._conn
         while True:
-            frames, eliciting = self._conn.fill(budget, now)
+            if not conn.has_work(now):
+                # Most flushes end here, many at once: no empty packet is built,
+                # but congestion control still hears what `fill` would tell it.
+                conn.on_nothing_to_send(now)
+                break
+            frames, eliciting = conn.fill(budget, now)
             if not frames:
                 break
             out.append((self._send_packet(session, frames, now, eliciting), self.remote_addr))

@@ -1,0 +1,79 @@
+"""Readers, writers and accept() wait on a bare future on asyncio (an anyio.Event on trio):
+cancelling any of them must leave nothing behind that a later wake-up trips over."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+from _nodes import node_pair, receive_all
+
+from overlay_httpx._node._stream import FutureWaiter, waiter_factory
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_waiter_of_the_running_loop(anyio_backend: str) -> None:
+    waiter = waiter_factory()()
+    assert isinstance(waiter, FutureWaiter) == (anyio_backend == "asyncio")
+    waiter.set()
+    waiter.set()  # twice is harmless
+    with anyio.fail_after(1):
+        await waiter.wait()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cancelled_future_waiter_ignores_set() -> None:
+    waiter = FutureWaiter(asyncio.get_running_loop())
+    with anyio.move_on_after(0.01) as scope:
+        await waiter.wait()
+    assert scope.cancelled_caught
+    waiter.set()  # would raise InvalidStateError on the cancelled future
+
+
+async def test_cancelled_accept_then_a_stream_arrives() -> None:
+    async with node_pair() as (a, b):
+        listener = await b.listen(7)
+        with anyio.move_on_after(0.05) as scope:
+            await listener.accept()
+        assert scope.cancelled_caught
+        stream = await a.connect(b.address, 7)
+        await stream.send(b"hi")  # wakes the abandoned waiter: nothing happens
+        with anyio.fail_after(5):
+            incoming = await listener.accept()
+            assert await incoming.receive() == b"hi"
+
+
+async def test_many_cancelled_receives_then_data() -> None:
+    async with node_pair() as (a, b):
+        listener = await b.listen(7)
+        stream = await a.connect(b.address, 7)
+        await stream.send(b"0")
+        incoming = await listener.accept()
+        assert await incoming.receive() == b"0"
+        for i in range(1, 6):
+            with anyio.move_on_after(0.01):
+                await incoming.receive()
+            await stream.send(b"%d" % i)
+            with anyio.fail_after(5):
+                assert await incoming.receive() == b"%d" % i
+        await stream.send_eof()
+        with anyio.fail_after(5):
+            assert await receive_all(incoming) == b""
+
+
+async def test_send_takes_bytes_bytearray_and_memoryview() -> None:
+    async with node_pair() as (a, b):
+        listener = await b.listen(7)
+        stream = await a.connect(b.address, 7)
+        await stream.send(b"ab")
+        await stream.send(bytearray(b"cd"))
+        await stream.send(memoryview(b"\x00ef\x00")[1:3])
+        await stream.send(memoryview(bytearray(b"gh")).cast("H"))  # counted in bytes
+        await stream.send(b"")
+        assert stream.bytes_sent == 8
+        await stream.send_eof()
+        incoming = await listener.accept()
+        with anyio.fail_after(5):
+            assert await receive_all(incoming) == b"abcdefgh"
