@@ -5,9 +5,15 @@ turns its events into request tasks (one task per request, the only task
 spawned per request) and wake-ups. Every h2 call happens between awaits,
 never across one. Every write goes through `flush`, which lets one task at a
 time write to the stream: the task that finds the stream idle writes all that
-h2 has queued (its own frames and anyone else's) in as few `send` calls as
-possible, shielded from cancellation so that a cancelled app can never leave
-half a frame on the wire; others wait for it.
+h2 has queued (its own frames and anyone else's). When the overlay stream can
+take all of it at once, that happens synchronously; otherwise in as few `send`
+calls as possible, shielded from cancellation so that a cancelled app can never
+leave half a frame on the wire, while others wait for it.
+
+On a new connection our SETTINGS (and the ACK of the client's) are not written
+on their own after the first read when it brought a request: the request's
+response carries them if it is quick (one datagram instead of two), else a
+flush that runs as soon as the request task first waits.
 
 A peer that breaks the protocol gets a GOAWAY and loses this connection only.
 Graceful shutdown sends a GOAWAY of our own making (h2 would stop all sending
@@ -47,8 +53,8 @@ from hyperframe.frame import GoAwayFrame
 
 from .. import _h2compat  # also gives DATA frames a cheap repr on import
 from .._node import OverlayAttribute, OverlayStream
-from ._request import Request, simple_response
-from ._scope import BadRequest, ConnectionInfo, build_scope
+from ._request import Request, ResponseHeads, simple_response
+from ._scope import BadRequest, ConnectionInfo, ScopeBuilder
 from ._types import ASGIApp
 
 __all__ = ["Connection"]
@@ -107,6 +113,7 @@ def _new_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connect
         },
     )
     _h2compat.use_local_settings(h2, settings, MAX_FRAME_SIZE)
+    _h2compat.cache_hpack(h2)
     # Over the advertised size (up to twice) a request gets 431 from `build_scope`;
     # beyond that the HPACK decoder stops decoding, which can only end the connection.
     h2.decoder.max_header_list_size = 2 * max_header_list_size
@@ -130,6 +137,8 @@ class Connection:
         self._info = info
         self._max_streams = max_concurrent_streams
         self.h2 = _new_h2(max_concurrent_streams, info.max_header_list_size)
+        self._scopes = ScopeBuilder(info)  # remembers the header lists it parsed
+        self.response_heads = ResponseHeads()  # remembers the response heads it checked
         self.requests: dict[int, Request] = {}
         self.blocked: set[Request] = set()  # requests waiting for send window
         self.open_streams = 0  # h2 streams of ours not yet closed (the concurrency limit)
@@ -137,6 +146,7 @@ class Connection:
         self._writing = False
         self._flushed: anyio.Event | None = None
         self._extra = b""  # frames h2 does not know about (our graceful GOAWAY)
+        self._first_flush_due = False  # the first read's frames wait for a request task
         self._task_group: TaskGroup | None = None
         self._read_scope: anyio.CancelScope | None = None
         self._stop_reading_now = False
@@ -161,7 +171,8 @@ class Connection:
                     self._last_active = anyio.current_time()
                     task_group.start_soon(self._reap_idle, self._idle_timeout, reaper)
                 # Our SETTINGS leave with the answer to the client's preface (the
-                # client always speaks first), one datagram instead of two.
+                # client always speaks first), or with the first response (see
+                # `_read_loop`): one datagram instead of two or three.
                 with anyio.CancelScope() as scope:
                     self._read_scope = scope
                     if not self._stop_reading_now:
@@ -257,17 +268,21 @@ class Connection:
     async def _read_loop(self) -> None:
         stream, h2 = self._stream, self.h2
         timed = self._idle_timeout is not None
+        first = True
         while True:
             try:
                 data = await stream.receive(RECEIVE_SIZE)
                 if timed:
                     self._last_active = anyio.current_time()
             except anyio.EndOfStream:
+                if self._first_flush_due:  # what the first read asked for goes out first
+                    await self.flush(wait=False)
                 self._mark_dead("the peer closed the stream")
                 return
             except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 self._mark_dead(f"the stream broke: {exc}")
                 return
+            requests = len(self.requests)
             try:
                 events = h2.receive_data(data)
             except Exception as exc:  # ProtocolError, or whatever else garbage provokes
@@ -278,7 +293,14 @@ class Connection:
                 except Exception as exc:  # a bug of ours: lose this connection, not the server
                     logger.exception("HTTP/2 connection from %s failed", self._peer)
                     self._protocol_error(exc)
-            await self.flush(wait=False)
+            if first and len(self.requests) > requests and self._task_group is not None:
+                # The connection's first frames (SETTINGS, their ACK, WINDOW_UPDATE) wait
+                # for the new request task's first step: a quick response takes them along.
+                self._first_flush_due = True
+                self._task_group.start_soon(self.flush, False)
+            else:
+                await self.flush(wait=False)
+            first = False
             if self._stop_reading_now:
                 return
 
@@ -362,7 +384,7 @@ class Connection:
             h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
-            scope = build_scope(event.headers, self._info)
+            scope = self._scopes.build(event.headers)
             limit = self._info.max_body_size
             if limit is not None and _declared_length(event.headers) > limit:
                 raise BadRequest(413, f"request body over {limit} bytes")
@@ -401,6 +423,7 @@ class Connection:
     # -- writing -----------------------------------------------------------------------------
 
     def _take(self) -> bytes:
+        self._first_flush_due = False
         data = self.h2.data_to_send()
         if self._extra:
             data, self._extra = data + self._extra, b""
@@ -410,7 +433,10 @@ class Connection:
         """Write everything h2 has queued.
 
         If another task is writing, it will write our frames too; with `wait`
-        we return only once it has (backpressure for response bodies).
+        we return only once it has (backpressure for response bodies). What the
+        overlay stream can take at once is handed to it synchronously
+        (`OverlayStream.try_send`): nothing can interrupt that, so it needs
+        neither the shielded cancel scope nor the guard that a `send` does.
         """
         if self._writing:
             if wait:
@@ -421,6 +447,8 @@ class Connection:
             return
         data = self._take()
         if not data or self.dead:
+            return
+        if self._stream.try_send(data):
             return
         self._writing = True
         try:

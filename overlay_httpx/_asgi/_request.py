@@ -27,7 +27,7 @@ from ._types import Message, Scope
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ["ClientDisconnected", "Request", "simple_response"]
+__all__ = ["ClientDisconnected", "Request", "ResponseHeads", "simple_response"]
 
 logger = logging.getLogger("overlay_httpx")
 
@@ -84,6 +84,58 @@ def _response_headers(message: Message) -> tuple[int, list[tuple[bytes, bytes]],
             length = int(value)
         headers.append((name, value))
     return status, headers, length
+
+
+#: a response head as `ResponseHeads` remembers it: status, h2 header list, content-length
+_Head = tuple[int, tuple[tuple[bytes, bytes], ...], int | None]
+
+
+class ResponseHeads:
+    """`_response_headers` for the responses of one connection, remembering its results.
+
+    An app tends to answer with the same few heads; checking and lowercasing
+    each header is a good part of a small response's cost. Only heads made of
+    an int status and a list or tuple of ``(bytes, bytes)`` tuples are
+    remembered (anything else might compare equal to a valid head without being
+    one), never a head that fails the checks, and at most `MAX_REMEMBERED`
+    heads. Every call returns a new header list.
+    """
+
+    MAX_REMEMBERED: Final = 32
+    _MAX_FIELDS: Final = 32
+
+    __slots__ = ("_heads",)
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple[int, tuple[tuple[bytes, bytes], ...]], _Head] = {}
+
+    def get(self, message: Message) -> tuple[int, list[tuple[bytes, bytes]], int | None]:
+        """Like ``_response_headers(message)``."""
+        status = message["status"]
+        fields = message.get("headers", ())
+        if (
+            type(status) is not int
+            or type(fields) not in (list, tuple)
+            or len(fields) > self._MAX_FIELDS
+        ):
+            return _response_headers(message)
+        for field in fields:
+            if (
+                type(field) is not tuple
+                or len(field) != 2
+                or type(field[0]) is not bytes
+                or type(field[1]) is not bytes
+            ):
+                return _response_headers(message)
+        key = (status, tuple(fields))
+        head = self._heads.get(key)
+        if head is not None:
+            return status, list(head[1]), head[2]
+        status, headers, length = _response_headers(message)  # raises: never remembered
+        if len(self._heads) >= self.MAX_REMEMBERED:
+            self._heads.clear()
+        self._heads[key] = (status, tuple(headers), length)
+        return status, headers, length
 
 
 class Request:
@@ -216,10 +268,7 @@ class Request:
                 more = not self.body_ended
                 self.body_delivered = not more
                 if self.unacked:
-                    connection = self.connection
-                    connection.h2.acknowledge_received_data(self.unacked, self.stream_id)
-                    self.unacked = 0
-                    await connection.flush(wait=False)
+                    await self._acknowledge(more)
                 return {"type": "http.request", "body": data, "more_body": more}
             if self.complete:
                 return {"type": "http.disconnect"}
@@ -231,6 +280,23 @@ class Request:
                 await event.wait()
             finally:
                 self.receivers -= 1
+
+    async def _acknowledge(self, more: bool) -> None:
+        """Give the client back the window of what the app has now read.
+
+        While the body goes on, the WINDOW_UPDATEs go out at once. After its
+        last chunk only the connection's window matters, and only when h2
+        decided to grow it now; otherwise what is queued (on a new connection,
+        our SETTINGS and their ACK) waits for the next write, normally the
+        response, so that a small response takes one datagram, not two.
+        """
+        connection = self.connection
+        h2 = connection.h2
+        window = h2.inbound_flow_control_window
+        h2.acknowledge_received_data(self.unacked, self.stream_id)
+        self.unacked = 0
+        if more or h2.inbound_flow_control_window != window:
+            await connection.flush(wait=False)
 
     async def send(self, message: Message) -> None:
         """Turn one ASGI response message into h2 frames and write them."""
@@ -254,7 +320,7 @@ class Request:
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("ASGI http.response.start sent twice")
-            status, self.pending_headers, length = _response_headers(message)
+            status, self.pending_headers, length = self.connection.response_heads.get(message)
             self.no_body = status in (204, 304) or self.scope["method"] == "HEAD"
             self.remaining = None if self.no_body else length
             self.started = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import unquote
 
 from .._address import Address
@@ -25,6 +25,7 @@ __all__ = [
     "CONNECTION_HEADERS",
     "BadRequest",
     "ConnectionInfo",
+    "ScopeBuilder",
     "build_scope",
     "field_name_ok",
     "field_value_ok",
@@ -79,6 +80,18 @@ class ConnectionInfo:
     """The lifespan state, copied into every request; None when lifespan did not run."""
 
 
+class _Parsed(NamedTuple):
+    """What `build_scope` reads from a header list: all of the scope that depends on it."""
+
+    method: str
+    scheme: str
+    path: str
+    raw_path: bytes
+    query_string: bytes
+    fields: tuple[tuple[bytes, bytes], ...]
+    size: int  # the header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it
+
+
 def build_scope(headers: Iterable[tuple[bytes, bytes]], info: ConnectionInfo) -> Scope:
     """The ASGI http scope for one request, or `BadRequest` if its header block is malformed.
 
@@ -86,6 +99,49 @@ def build_scope(headers: Iterable[tuple[bytes, bytes]], info: ConnectionInfo) ->
     ASGI spec's reading since 2023, which Starlette relies on); ``:authority``
     becomes a ``host`` header when the request carries none.
     """
+    return _assemble(_parse(headers, info), info)
+
+
+class ScopeBuilder:
+    """`build_scope` for the requests of one connection, remembering what it parsed.
+
+    A client sends the same header list again and again; parsing and checking
+    it is most of what a scope costs, and its outcome depends only on the list
+    and the connection. Every scope is still a new dict with a new header list
+    (apps may change them), and the parts that can change between requests
+    (the tunnel's path, the lifespan state) are read each time. Lists that fail
+    the checks are never remembered, nor large ones, and at most
+    `MAX_REMEMBERED` lists are.
+    """
+
+    MAX_REMEMBERED: Final = 32
+    _MAX_SIZE: Final = 4096
+
+    __slots__ = ("_info", "_parsed")
+
+    def __init__(self, info: ConnectionInfo) -> None:
+        self._info = info
+        self._parsed: dict[tuple[tuple[bytes, bytes], ...], _Parsed] = {}
+
+    def build(self, headers: Iterable[tuple[bytes, bytes]]) -> Scope:
+        """Like ``build_scope(headers, info)``."""
+        info = self._info
+        key = tuple(headers)
+        try:
+            parsed = self._parsed.get(key)
+        except TypeError:  # something unhashable: not from h2, which gives bytes
+            return build_scope(key, info)
+        if parsed is None:
+            parsed = _parse(key, info)  # raises BadRequest: never remembered
+            if parsed.size <= self._MAX_SIZE:
+                if len(self._parsed) >= self.MAX_REMEMBERED:
+                    self._parsed.clear()
+                self._parsed[key] = parsed
+        return _assemble(parsed, info)
+
+
+def _parse(headers: Iterable[tuple[bytes, bytes]], info: ConnectionInfo) -> _Parsed:
+    """Check a request's header list (RFC 9113 sections 8.2 and 8.3) and take it apart."""
     method = scheme = target = authority = None
     fields: list[tuple[bytes, bytes]] = []
     size = 0
@@ -131,17 +187,30 @@ def build_scope(headers: Iterable[tuple[bytes, bytes]], info: ConnectionInfo) ->
         fields.insert(0, (b"host", authority))
     raw_path, _, query = target.partition(b"?")
     root_path = info.root_path
+    return _Parsed(
+        method=method.decode("ascii"),
+        scheme=scheme.decode("ascii"),
+        path=root_path + unquote(raw_path.decode("ascii")),
+        raw_path=root_path.encode() + raw_path if root_path else raw_path,
+        query_string=query,
+        fields=tuple(fields),
+        size=size,
+    )
+
+
+def _assemble(parsed: _Parsed, info: ConnectionInfo) -> Scope:
+    """A new scope dict from a parsed header list and the connection."""
     scope: Scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "2",
-        "method": method.decode("ascii"),
-        "scheme": scheme.decode("ascii"),
-        "path": root_path + unquote(raw_path.decode("ascii")),
-        "raw_path": root_path.encode() + raw_path if root_path else raw_path,
-        "query_string": query,
-        "root_path": root_path,
-        "headers": fields,
+        "method": parsed.method,
+        "scheme": parsed.scheme,
+        "path": parsed.path,
+        "raw_path": parsed.raw_path,
+        "query_string": parsed.query_string,
+        "root_path": info.root_path,
+        "headers": list(parsed.fields),
         "server": info.server,
         "client": info.client,
         "extensions": {

@@ -23,6 +23,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import SettingsFrame
 
 from .. import _h2compat  # also gives DATA frames a cheap repr on import
 from .._address import Address
@@ -43,6 +44,7 @@ _SEND_BATCH: Final = 256 << 10  # request body bytes framed before one write to 
 _HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
 )
+_SETTINGS_ACK: Final = SettingsFrame(0, flags=["ACK"]).serialize()
 
 
 class ConnectionLost(Exception):
@@ -97,6 +99,7 @@ class H2ClientConnection:
             },
         )
         _h2compat.use_local_settings(self._h2, settings, _MAX_FRAME)
+        _h2compat.cache_hpack(self._h2)
         # The preface and our SETTINGS leave with the first request, in one datagram.
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
@@ -290,43 +293,78 @@ class H2ClientConnection:
         return sid
 
     async def send_body(
-        self, sid: int, chunks: AsyncIterator[bytes], write_timeout: float | None = None
+        self,
+        sid: int,
+        body: AsyncIterator[bytes] | bytes,
+        write_timeout: float | None = None,
     ) -> None:
         """Send a request body within HTTP/2 flow control, then end the stream.
 
-        `write_timeout` bounds each wait for the peer to take more (a write timeout).
+        `body` is the whole body, whose last DATA frame then carries END_STREAM,
+        or chunks to send as they come, followed by an empty DATA frame with
+        END_STREAM. `write_timeout` bounds each wait for the peer to take more
+        (a write timeout).
         """
         exchange = self._exchanges[sid]
-        unflushed = 0
-        async for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                if exchange.error is not None or exchange.ended:
-                    await self._flush()
-                    return  # the server answered or reset early; stop uploading
-                window = self._h2.local_flow_control_window(sid)
-                if window <= 0:
-                    with anyio.fail_after(write_timeout):
-                        await self._flush()
-                        unflushed = 0
-                        await self._wait(
-                            lambda: (
-                                self._h2.local_flow_control_window(sid) > 0
-                                or exchange.error is not None
-                                or exchange.ended
-                            )
-                        )
-                    continue
-                n = min(len(view), self._h2.max_outbound_frame_size, window)
-                self._h2.send_data(sid, bytes(view[:n]))
-                view = view[n:]
-                unflushed += n
-                if unflushed >= _SEND_BATCH:
-                    await self._flush()  # shielded: a frame is never cut (see _flush)
-                    unflushed = 0
-        if exchange.error is None and not exchange.ended:
-            self._h2.end_stream(sid)  # with a small body: head, data and end in one datagram
+        if isinstance(body, bytes):
+            sent = await self._send_chunk(exchange, body, bool(body), write_timeout, 0)
+            if sent is not None and not body:
+                self._h2.end_stream(sid)
+        else:
+            unflushed = 0
+            async for chunk in body:
+                sent = await self._send_chunk(exchange, chunk, False, write_timeout, unflushed)
+                if sent is None:
+                    break  # the server answered or reset early; stop uploading
+                unflushed = sent
+            else:
+                if exchange.error is None and not exchange.ended:
+                    self._h2.end_stream(sid)  # a small body: head, data and end in one datagram
         await self._flush()
+
+    async def _send_chunk(
+        self,
+        exchange: _Exchange,
+        chunk: bytes,
+        end: bool,
+        write_timeout: float | None,
+        unflushed: int,
+    ) -> int | None:
+        """Frame one body chunk within flow control, END_STREAM on its last frame if `end`.
+
+        Returns how many framed bytes are not written yet (they go out every
+        `_SEND_BATCH`), or None if the exchange ended or failed first.
+        """
+        h2c = self._h2
+        sid = exchange.stream_id
+        view = memoryview(chunk)
+        total = len(view)
+        pos = 0
+        while pos < total:
+            if exchange.error is not None or exchange.ended:
+                return None
+            window = h2c.local_flow_control_window(sid)
+            if window <= 0:
+                with anyio.fail_after(write_timeout):
+                    await self._flush()
+                    unflushed = 0
+                    await self._wait(
+                        lambda: (
+                            h2c.local_flow_control_window(sid) > 0
+                            or exchange.error is not None
+                            or exchange.ended
+                        )
+                    )
+                continue
+            n = min(total - pos, h2c.max_outbound_frame_size, window)
+            data = chunk if n == total and type(chunk) is bytes else bytes(view[pos : pos + n])
+            pos += n
+            h2c.send_data(sid, data, end_stream=end and pos == total)
+            unflushed += n
+            if unflushed >= _SEND_BATCH:
+                await self._flush()  # shielded: a frame is never cut (see _flush)
+                unflushed = 0
+        return unflushed
 
     async def receive_head(self, sid: int) -> ResponseHead:
         exchange = self._exchanges[sid]
@@ -351,7 +389,13 @@ class H2ClientConnection:
                 acked += flow
             if acked:
                 self._h2.acknowledge_received_data(acked, sid)
-                await self._flush()
+                # After the last piece only a connection WINDOW_UPDATE would matter (the
+                # stream is closed). A lone SETTINGS ACK (on a new connection, for the
+                # server's SETTINGS that came with the response) waits for our next
+                # write or for `aclose`, saving a datagram inside the request's time.
+                self._outgoing += self._h2.data_to_send()
+                if not (exchange.ended and self._outgoing in (b"", _SETTINGS_ACK)):
+                    await self._flush()
             return b"".join(parts)
         if exchange.error is not None:
             raise exchange.error

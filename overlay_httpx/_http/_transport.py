@@ -313,8 +313,13 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         try:
             if has_body:
                 with map_errors("write", request, what):
-                    async with aclosing(_chunks(request)) as chunks:
-                        await conn.send_body(sid, chunks, _timeout(request, "write"))
+                    body = request.stream
+                    if isinstance(body, httpx.ByteStream):
+                        # Known in full: END_STREAM rides on its last DATA frame.
+                        await conn.send_body(sid, b"".join(body), _timeout(request, "write"))
+                    else:
+                        async with aclosing(_chunks(request)) as chunks:
+                            await conn.send_body(sid, chunks, _timeout(request, "write"))
             with map_errors("read", request, what), anyio.fail_after(_timeout(request, "read")):
                 head = await conn.receive_head(sid)
         except BaseException:

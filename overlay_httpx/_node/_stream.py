@@ -9,9 +9,11 @@ only wait for the tunnel's events and translate its errors.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import anyio
 from anyio.abc import ByteStream, Listener, TaskGroup
@@ -20,17 +22,64 @@ from .._address import Address
 from .._exceptions import TunnelError
 from .._identity import PublicIdentity
 from .._protocol._events import ERROR_APPLICATION, ERROR_NO_ERROR
+from ._udp import current_backend
 
 if TYPE_CHECKING:
     from .._protocol._tunnel import Tunnel
     from ._node import Node
 
-__all__ = ["OverlayAttribute", "OverlayListener", "OverlayStream", "Path"]
+__all__ = [
+    "FutureWaiter",
+    "OverlayAttribute",
+    "OverlayListener",
+    "OverlayStream",
+    "Path",
+    "Waiter",
+    "waiter_factory",
+]
 
 Path = Literal["direct", "relayed"]
 
 DEFAULT_RECEIVE_SIZE: Final = 65536
 DEFAULT_BACKLOG: Final = 1024
+
+
+class Waiter(Protocol):
+    """A one-shot wake-up for one waiting task (the part of `anyio.Event` streams use)."""
+
+    def set(self) -> None: ...
+    def wait(self) -> Awaitable[None]: ...
+
+
+class FutureWaiter:
+    """`Waiter` on asyncio: one bare future.
+
+    Readers wait once per message, and making, awaiting and setting an
+    `anyio.Event` costs about five times more (it wraps an `asyncio.Event`,
+    which makes its own future for each wait). Cancelling the waiting task
+    (a cancel scope, a timeout) cancels the future; `set` on it afterwards
+    does nothing, so a waiter abandoned that way is harmless.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        if not self._future.done():  # set before, or cancelled with its waiter
+            self._future.set_result(None)
+
+    def wait(self) -> asyncio.Future[None]:
+        return self._future
+
+
+def waiter_factory() -> Callable[[], Waiter]:
+    """What makes waiters for the running event loop: `FutureWaiter` on asyncio,
+    `anyio.Event` elsewhere (trio)."""
+    if current_backend() == "asyncio":
+        return partial(FutureWaiter, asyncio.get_running_loop())
+    return anyio.Event
 
 
 class OverlayAttribute(anyio.TypedAttributeSet):
@@ -80,8 +129,8 @@ class OverlayStream(ByteStream):
         self._port = port
         self._peer_address = peer_address
         self._peer_identity = peer_identity
-        self._readable: anyio.Event | None = None
-        self._writable: anyio.Event | None = None
+        self._readable: Waiter | None = None
+        self._writable: Waiter | None = None
         self._receive_error: BaseException | None = None
         self._send_error: BaseException | None = None
         self._eof_received = False
@@ -157,12 +206,14 @@ class OverlayStream(ByteStream):
                 if at_eof:
                     self._node._forget_if_done(self)
                     raise anyio.EndOfStream
-                event = self._readable = anyio.Event()
-                await event.wait()
+                waiter = self._readable = self._node._new_waiter()
+                await waiter.wait()
 
     async def send(self, item: bytes) -> None:
         with self._send_guard:
-            view = memoryview(item).cast("B")
+            # Bytes go to the tunnel as they are when they fit (no view, no copy);
+            # anything else, or what does not fit, is cut through a memoryview.
+            rest: bytes | memoryview = item if type(item) is bytes else memoryview(item).cast("B")
             while True:
                 if self._closed:
                     raise anyio.ClosedResourceError
@@ -170,17 +221,21 @@ class OverlayStream(ByteStream):
                     raise self._send_error
                 if self._eof_sent:
                     raise anyio.ClosedResourceError("send() after send_eof()")
-                if not view:
+                if not rest:
                     return
                 room = self._tunnel.send_buffer_available(self._stream_id)
                 if room:
-                    chunk, view = view[:room], view[room:]
+                    if len(rest) <= room:
+                        chunk, rest = rest, b""
+                    else:
+                        view = memoryview(rest)  # slices of a view copy nothing
+                        chunk, rest = view[:room], view[room:]
                     self._tunnel.send_stream(self._stream_id, bytes(chunk))
                     self.bytes_sent += len(chunk)
                     self._node._flush()
                     continue
-                event = self._writable = anyio.Event()
-                await event.wait()
+                waiter = self._writable = self._node._new_waiter()
+                await waiter.wait()
 
     async def send_eof(self) -> None:
         """Half-close: the peer reads every byte sent so far, then end-of-stream."""
@@ -269,6 +324,28 @@ class OverlayStream(ByteStream):
             f"id={self._stream_id}{' closed' if self._closed else ''}>"
         )
 
+    def try_send(self, data: bytes) -> bool:
+        """Send all of `data` now if the send buffer has room for it, else nothing.
+
+        For writers of many small messages (the HTTP/2 server): nothing can
+        interrupt it, so they need no shielded cancel scope around it, as they
+        do around `send`. False when the stream is not writable, another `send`
+        is under way, or `data` does not fit; the caller then uses `send`, which
+        raises or waits as it should.
+        """
+        if (
+            self._closed
+            or self._send_error is not None
+            or self._eof_sent
+            or self._send_guard._guarded
+            or self._tunnel.send_buffer_available(self._stream_id) < len(data)
+        ):
+            return False
+        self._tunnel.send_stream(self._stream_id, data)
+        self.bytes_sent += len(data)
+        self._node._flush()
+        return True
+
 
 class OverlayListener(Listener[OverlayStream]):
     """Streams opened by peers to one overlay port of this node."""
@@ -278,7 +355,7 @@ class OverlayListener(Listener[OverlayStream]):
         self._port = port
         self._backlog = backlog
         self._pending: deque[OverlayStream] = deque()
-        self._arrived: anyio.Event | None = None
+        self._arrived: Waiter | None = None
         self._closed = False
 
     @property
@@ -305,8 +382,8 @@ class OverlayListener(Listener[OverlayStream]):
                 if self._pending:
                     return self._pending.popleft()
                 continue
-            event = self._arrived = anyio.Event()
-            await event.wait()
+            waiter = self._arrived = self._node._new_waiter()
+            await waiter.wait()
 
     async def serve(
         self,
