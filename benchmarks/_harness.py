@@ -25,12 +25,14 @@ import importlib.util
 import ipaddress
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
 import sys
 import time
 import types
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,22 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine(packages: tuple[str, ...]) -> dict[str, Any]:
+    """What a benchmark's figures depend on: CPUs, load, Python and `packages`' versions."""
+    versions: dict[str, str | None] = {}
+    for pkg in packages:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+        "versions": versions,
+    }
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -56,14 +56,12 @@ import functools
 import gc
 import json
 import os
-import platform
 import shlex
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +69,7 @@ import anyio
 import anyio.to_thread
 import httpx
 from _harness import Children
+from _harness import machine as harness_machine
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -662,21 +661,6 @@ def report(out: dict[str, Any]) -> str:
     )
 
 
-def _machine() -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for pkg in ("overlay_httpx", "httpx", "h2", "anyio", "cryptography"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
-        "versions": versions,
-    }
-
-
 SETTINGS = ("baseline", "flood", "after", "repeat", "handshake_timeout", "keys", "sockets")
 SETTINGS += ("rate", "interval", "warmup", "timeout", "quick")
 
@@ -686,7 +670,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     command = shlex.join([sys.executable, *sys.argv])
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    machine = _machine()
+    machine = harness_machine(("overlay_httpx", "httpx", "h2", "anyio", "cryptography"))
     with Children() as children:
         server = spawn(children, ["--serve", "--handshake-timeout", str(args.handshake_timeout)])
         info = read_line(server, "server")

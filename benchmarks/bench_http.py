@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import ssl
 import statistics
 import sys
@@ -40,13 +39,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 from _harness import Children, free_port, proc_cpu_seconds, require, self_signed, wait_port
+from _harness import machine as harness_machine
 
 PAYLOAD = {"prompt": "hello", "max_tokens": 16}
 APP = "_http_app:app"
@@ -376,21 +375,6 @@ def plot(out: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def _machine() -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for pkg in ("overlay_httpx", "httpx", "h2", "uvicorn", "hypercorn", "fastapi"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
-        "versions": versions,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -417,7 +401,9 @@ def main() -> None:
             args.mib, args.sse, args.cold = 4, 10, 2
         command = " ".join(["benchmarks/bench_http.py", *sys.argv[1:]])
         started = datetime.datetime.now().isoformat(timespec="seconds")
-        machine = _machine()
+        machine = harness_machine(
+            ("overlay_httpx", "httpx", "h2", "uvicorn", "hypercorn", "fastapi")
+        )
         with Children() as children:
             servers = Servers(children)
             print("servers up; measuring", file=sys.stderr, flush=True)

@@ -156,3 +156,14 @@ def established(app: App) -> bool:
 
 def closed(app: App) -> bool:
     return bool(app.of(TunnelClosed))
+
+
+def echo_round_trip(net: Network, a: App, b: App, size: int = 2000) -> None:
+    """`a` sends `size` bytes to `b`'s echo listener on port 80 and gets them all back."""
+    tunnel = a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
+    sid = tunnel.open_stream(80, net.now)
+    data = payload(size, seed=size)
+    a.write(tunnel, sid, data, fin=True)
+    st = a.state(tunnel, sid)
+    assert net.run(until=lambda: st.eof, timeout=30)
+    assert hashlib.sha256(st.received).digest() == hashlib.sha256(data).digest()

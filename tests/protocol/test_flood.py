@@ -3,9 +3,7 @@ handshakes keep the responder's work and memory bounded (virtual clock)."""
 
 from __future__ import annotations
 
-import hashlib
-
-from _harness import B_ADDR, App, make_pair, payload
+from _harness import B_ADDR, App, echo_round_trip, make_pair
 
 from overlay_httpx import Address, Identity
 from overlay_httpx._protocol._config import TunnelConfig
@@ -14,16 +12,6 @@ from overlay_httpx._protocol._packet import TYPE_COOKIE
 
 C_ADDR = ("10.0.0.3", 6000)
 LIMIT = 20
-
-
-def _echo(net, a: App, b: App, size: int = 2000) -> None:  # type: ignore[no-untyped-def]
-    tunnel = a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
-    sid = tunnel.open_stream(80, net.now)
-    data = payload(size, seed=size)
-    a.write(tunnel, sid, data, fin=True)
-    st = a.state(tunnel, sid)
-    assert net.run(until=lambda: st.eof, timeout=30)
-    assert hashlib.sha256(st.received).digest() == hashlib.sha256(data).digest()
 
 
 def _initiations(target: Endpoint, count: int) -> list[bytes]:
@@ -40,7 +28,7 @@ def _initiations(target: Endpoint, count: int) -> list[bytes]:
 def test_a_flood_of_initiations_gets_cookies_and_the_established_tunnel_keeps_working() -> None:
     config = TunnelConfig(handshake_rate_limit=LIMIT)
     net, a, b = make_pair(config=config)
-    _echo(net, a, b)
+    echo_round_trip(net, a, b)
     flood = _initiations(b.endpoint, 300)
     for i, init in enumerate(flood):  # many source ports and hosts
         b.endpoint.receive_datagram(init, (f"10.66.{i // 200}.{i % 200}", 20000 + i), net.now)
@@ -60,7 +48,7 @@ def test_a_flood_of_initiations_gets_cookies_and_the_established_tunnel_keeps_wo
     for i, init in enumerate(_initiations(b.endpoint, 100)):
         b.endpoint.receive_datagram(init, (f"10.67.0.{i}", 20000 + i), net.now)
     assert b.endpoint.cookies.handshakes_computed <= 1 + LIMIT + LIMIT // 10
-    _echo(net, a, b, 50_000)  # the established tunnel still serves
+    echo_round_trip(net, a, b, 50_000)  # the established tunnel still serves
     # Answered-but-never-confirmed handshakes are forgotten after the handshake timeout.
     net.run_for(config.handshake_timeout + 2.0)
     assert [t.peer for t in b.endpoint.tunnels()] == [a.endpoint.public.x25519]

@@ -7,9 +7,7 @@ overwritten, so what reaches us is exactly what a modified peer would send.
 
 from __future__ import annotations
 
-import hashlib
-
-from _harness import B_ADDR, App, established, make_pair, payload
+from _harness import B_ADDR, App, echo_round_trip, established, make_pair, payload
 
 from overlay_httpx import Address, Identity
 from overlay_httpx._protocol._config import TunnelConfig
@@ -20,16 +18,6 @@ from overlay_httpx._protocol._tunnel import Tunnel
 from overlay_httpx.testing import Network
 
 C_ADDR = ("10.0.0.3", 6000)
-
-
-def _echo(net: Network, a: App, b: App, size: int = 20_000) -> None:
-    tunnel = a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
-    sid = tunnel.open_stream(80, net.now)
-    data = payload(size, seed=size)
-    a.write(tunnel, sid, data, fin=True)
-    st = a.state(tunnel, sid)
-    assert net.run(until=lambda: st.eof, timeout=30)
-    assert hashlib.sha256(st.received).digest() == hashlib.sha256(data).digest()
 
 
 class _Hoarder(App):
@@ -57,7 +45,7 @@ def _closed_by(app: App, peer: bytes) -> TunnelClosed:
 def test_a_peer_opening_streams_past_the_limit_loses_its_tunnel_and_only_it() -> None:
     config = TunnelConfig(max_streams=16)
     net, a, b = make_pair(config=config)
-    _echo(net, a, b)
+    echo_round_trip(net, a, b)
     c, tunnel = _hostile_peer(net, b, config)
     tunnel._conn._peer_max_streams = 10**6  # c no longer believes our limit
     for _ in range(40):  # and keeps them all open (no FIN): nothing is given back
@@ -71,7 +59,7 @@ def test_a_peer_opening_streams_past_the_limit_loses_its_tunnel_and_only_it() ->
     assert "beyond the limit of 16" in theirs.reason  # the offender is told why
     assert ours.reason == f"protocol violation by peer: {theirs.reason}"
     assert theirs.error_code == ERROR_PROTOCOL
-    _echo(net, a, b)  # the well-behaved peer is still served
+    echo_round_trip(net, a, b)  # the well-behaved peer is still served
     assert [t.peer for t in b.endpoint.tunnels() if not t.is_closed] == [a.endpoint.public.x25519]
 
 
