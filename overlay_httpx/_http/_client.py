@@ -12,6 +12,7 @@ it at once.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Final
@@ -82,9 +83,13 @@ class _Exchange:
 class H2ClientConnection:
     """HTTP/2 client side of one overlay stream."""
 
-    def __init__(self, stream: OverlayStream, *, authority: str) -> None:
+    def __init__(
+        self, stream: OverlayStream, *, authority: str, keepalive_expiry: float | None = None
+    ) -> None:
         self._stream = stream
         self.authority = authority
+        self._keepalive_expiry = keepalive_expiry
+        self._idle_since = time.monotonic()
         self.peer: Address = stream.extra(OverlayAttribute.peer_address)
         self.peer_identity: PublicIdentity = stream.extra(OverlayAttribute.peer_identity)
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -122,6 +127,17 @@ class H2ClientConnection:
             and self._failure is None
             and self._goaway_last is None
             and not self._stream.broken
+            and not self._expired()
+        )
+
+    def _expired(self) -> bool:
+        """Idle past the keep-alive expiry: replaced rather than reused, so a request
+        never races the server's idle GOAWAY (``serve(idle_timeout=60)``)."""
+        expiry = self._keepalive_expiry
+        return (
+            expiry is not None
+            and not self._exchanges
+            and time.monotonic() - self._idle_since >= expiry
         )
 
     @property
@@ -406,6 +422,8 @@ class H2ClientConnection:
         exchange = self._exchanges.pop(sid, None)
         if exchange is None:
             return
+        if not self._exchanges:
+            self._idle_since = time.monotonic()
         if exchange.ended or exchange.error is not None or self._failure is not None:
             return
         try:

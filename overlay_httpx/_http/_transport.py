@@ -131,7 +131,10 @@ class OverlayTransport(httpx.AsyncBaseTransport):
     mode 0600), its socket binds ``$OVERLAY_HTTPX_BIND`` or ``0.0.0.0:0``.
     `aclose` closes what the transport owns and nothing it does not.
     Requests to other hosts go to `fallback` if given, else fail with
-    `httpx.ConnectError`.
+    `httpx.ConnectError`. A pooled HTTP/2 connection idle for
+    `keepalive_expiry` seconds (as in `httpx.Limits`) is replaced by a fresh
+    one, which costs no round trip over an existing tunnel; it stays below
+    `serve()`'s `idle_timeout` so that requests do not race its GOAWAY.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         fallback: httpx.AsyncBaseTransport | None = None,
         identity: Identity | str | os.PathLike[str] | None = None,
         retries: int = 1,
+        keepalive_expiry: float | None = 30.0,
     ) -> None:
         if node is not None and not isinstance(node, Node):
             raise LocalProtocolError(f"node: expected an overlay_httpx.Node, got {node!r}")
@@ -151,6 +155,11 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         self._resolver: Resolver | None = resolver
         self._fallback = fallback
         self._retries = retries
+        if keepalive_expiry is not None and not keepalive_expiry >= 0:
+            raise LocalProtocolError(
+                f"keepalive_expiry={keepalive_expiry!r}: expected seconds >= 0, or None"
+            )
+        self._keepalive_expiry = keepalive_expiry
         self._connections: dict[tuple[Address, int], H2ClientConnection] = {}
         self._connecting: dict[tuple[Address, int], anyio.Lock] = {}
 
@@ -277,7 +286,11 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 anyio.fail_after(_timeout(request, "connect")),
             ):
                 stream = await node.connect(address, port)
-                conn = H2ClientConnection(stream, authority=request.url.netloc.decode("ascii"))
+                conn = H2ClientConnection(
+                    stream,
+                    authority=request.url.netloc.decode("ascii"),
+                    keepalive_expiry=self._keepalive_expiry,
+                )
             old = self._connections.get(key)
             self._connections[key] = conn
             if old is not None and old.idle:

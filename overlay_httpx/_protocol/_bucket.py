@@ -34,7 +34,8 @@ class TokenBucket:
         With `debt`, any positive balance lets it through and may go below zero:
         something larger than the burst is slowed down, never refused forever.
         """
-        if (self.available(now) <= 0) if debt else self.tokens < cost:
+        tokens = self.available(now)
+        if (tokens <= 0) if debt else tokens < cost:
             return False
         self.tokens -= cost
         return True

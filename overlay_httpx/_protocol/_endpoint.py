@@ -163,10 +163,7 @@ class Endpoint:
 
     def tunnel(self, peer: PublicIdentity | bytes) -> Tunnel | None:
         key = peer.x25519 if isinstance(peer, PublicIdentity) else peer
-        tunnel = self._tunnels.get(key)
-        if tunnel is not None and key in self._dormant:
-            self._wake(tunnel)  # the application is about to use it
-        return tunnel
+        return self._tunnels.get(key)
 
     def tunnels(self) -> list[Tunnel]:
         return list(self._tunnels.values())
@@ -226,9 +223,9 @@ class Endpoint:
             if tunnel is None or session is None:
                 self._drops["unknown_session"] += 1
                 return
-            if tunnel.peer in self._dormant:
-                self._wake(tunnel)  # the peer confirms the handshake we answered
             tunnel.handle_data(session, counter, data, addr, now)
+            if tunnel.peer in self._dormant and not tunnel.awaiting_confirmation:
+                self._wake(tunnel)  # an authenticated packet confirmed the handshake
         elif kind == TYPE_INIT:
             self._on_initiation(data, addr, now)
         elif kind in (TYPE_RESPONSE, TYPE_REFUSAL):
@@ -247,8 +244,7 @@ class Endpoint:
             if cookie_index is None or owner is None:
                 self._drops["unknown_session"] += 1
                 return
-            self._wake(owner)
-            owner.handle_cookie(data, cookie_index, now)
+            owner.handle_cookie(data, cookie_index, now)  # only initiators, never dormant
         elif kind == TYPE_RELAY:
             self._on_relay(data, addr, now)
         elif kind == TYPE_PUNCH:

@@ -167,3 +167,24 @@ async def test_idle_timeout_must_be_positive(value: Any) -> None:
     async with served(_echo_app()) as (server, _client_node):
         with pytest.raises(LocalProtocolError, match="idle_timeout="):
             OverlayServer(_echo_app(), server.node, port=81, idle_timeout=value)
+
+
+async def test_the_client_replaces_a_connection_idle_past_its_keepalive_expiry() -> None:
+    async with served(_echo_app(), idle_timeout=IDLE) as (server, client_node):
+        transport = OverlayTransport(client_node, keepalive_expiry=IDLE / 3)
+        async with httpx.AsyncClient(transport=transport) as client:
+            url = f"http://{server.node.address.host}/"
+            assert (await client.get(url)).status_code == 200
+            [first] = transport._connections.values()
+            assert (await client.get(url)).status_code == 200  # at once: reused
+            assert list(transport._connections.values()) == [first]
+            await anyio.sleep(IDLE / 2)  # the passing of time is what is tested
+            assert (await client.get(url)).status_code == 200  # a fresh connection
+            [second] = transport._connections.values()
+            assert second is not first
+            assert first.overlay_stream.broken or first._closed  # the old one was closed
+
+
+async def test_keepalive_expiry_must_not_be_negative() -> None:
+    with pytest.raises(LocalProtocolError, match="keepalive_expiry="):
+        OverlayTransport(keepalive_expiry=-1.0)
