@@ -180,6 +180,8 @@ class Endpoint:
                 "tunnels is reached"
             )
         if tunnel is None or tunnel.is_closed:
+            if tunnel is not None:
+                self._release_sessions(tunnel)  # replaced while draining
             tunnel = self._tunnels[key] = Tunnel(self, key, addr)
         self._wake(tunnel)
         tunnel.connect(now)
@@ -332,6 +334,8 @@ class Endpoint:
             return
         self._accepted_timestamps[peer] = accepted.hello.timestamp
         if tunnel is None or tunnel.is_closed:
+            if tunnel is not None:
+                self._release_sessions(tunnel)  # replaced while draining
             tunnel = self._tunnels[peer] = Tunnel(self, peer, addr)
             self._live.pop(peer, None)
             self._dormant[peer] = tunnel
@@ -401,10 +405,13 @@ class Endpoint:
             else:
                 self._wake(tunnel)
 
-    def _forget(self, tunnel: Tunnel) -> None:
-        peer = tunnel.peer
+    def _release_sessions(self, tunnel: Tunnel) -> None:
         for session in tunnel.sessions():
             self.release_index(session.local_index)
+
+    def _forget(self, tunnel: Tunnel) -> None:
+        peer = tunnel.peer
+        self._release_sessions(tunnel)
         del self._tunnels[peer]
         self._live.pop(peer, None)
         self._dormant.pop(peer, None)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from _harness import A_ADDR, B_ADDR, App, closed, established, make_pair, payload
+from _harness import (
+    A_ADDR,
+    B_ADDR,
+    App,
+    closed,
+    echo_round_trip,
+    established,
+    make_pair,
+    payload,
+)
 
 from overlay_httpx._protocol._config import TunnelConfig
 from overlay_httpx._protocol._events import (
@@ -455,3 +464,17 @@ def test_a_restarted_peer_is_noticed_under_steady_traffic() -> None:
     assert restarted, "the restart went unnoticed while requests kept coming"
     assert net.run(until=lambda: all(s.eof for s in states[-10:]), timeout=10)
     assert net.now - restart_at < 6
+
+
+def test_a_draining_tunnel_replaced_by_a_new_handshake_leaves_no_index_behind() -> None:
+    net, a, b = make_pair()
+    for _ in range(4):
+        echo_round_trip(net, a, b)
+        tunnel = a.endpoint.tunnel(b.endpoint.public)
+        assert tunnel is not None
+        tunnel.close(net.now)
+        net.run_for(0.02)  # b has the CLOSE: its tunnel is closed and draining
+        a.endpoint.handle_timer(net.now + 100)  # a forgets its side at once, then reconnects
+        a.endpoint.datagrams_to_send(net.now + 100)
+        live = {id(t) for t in b.endpoint.tunnels()}
+        assert all(id(t) in live for t in b.endpoint._indexes.values())
