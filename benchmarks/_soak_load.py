@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -47,8 +46,11 @@ from _soak_common import (
     configure_logging,
     die_with_parent,
     emit,
+    repo_root,
 )
 
+sys.path.insert(0, str(repo_root()))
+from examples.pipeline.common import stdin_eof
 from overlay_httpx import Identity, Node
 
 ORCHESTRATOR = "http://orchestrator.overlay"
@@ -198,12 +200,8 @@ async def paced(
 
 
 async def stdin_closed(stop: anyio.Event) -> None:
-    fd = sys.stdin.fileno()
-    while True:
-        await anyio.wait_readable(fd)
-        if not os.read(fd, 4096):
-            stop.set()
-            return
+    await stdin_eof()
+    stop.set()
 
 
 async def run(args: argparse.Namespace) -> None:

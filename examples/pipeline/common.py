@@ -90,6 +90,15 @@ def announce(**fields: object) -> None:
     print(json.dumps({"ready": True, "pid": os.getpid(), **fields}), flush=True)
 
 
+async def stdin_eof() -> None:
+    """Return once stdin is at EOF: the parent that holds its other end has gone."""
+    fd = sys.stdin.fileno()
+    while True:
+        await anyio.wait_readable(fd)
+        if not os.read(fd, 4096):
+            return
+
+
 async def wait_for_stop(*, watch_stdin: bool) -> None:
     """Return on SIGINT or SIGTERM, or (with `watch_stdin`) once stdin is at EOF."""
     stop = anyio.Event()
@@ -101,12 +110,8 @@ async def wait_for_stop(*, watch_stdin: bool) -> None:
                 return
 
     async def on_stdin_eof() -> None:
-        fd = sys.stdin.fileno()
-        while True:
-            await anyio.wait_readable(fd)
-            if not os.read(fd, 4096):
-                stop.set()
-                return
+        await stdin_eof()
+        stop.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signal)

@@ -36,7 +36,6 @@ from ._resolver import NodeResolver
 
 __all__ = [
     "AddressResolver",
-    "NodeResolver",
     "OverlayTransport",
     "Resolver",
     "default_identity_path",
