@@ -134,11 +134,7 @@ class H2ClientConnection:
         """Idle past the keep-alive expiry: replaced rather than reused, so a request
         never races the server's idle GOAWAY (``serve(idle_timeout=60)``)."""
         expiry = self._keepalive_expiry
-        return (
-            expiry is not None
-            and not self._exchanges
-            and time.monotonic() - self._idle_since >= expiry
-        )
+        return expiry is not None and self.idle and time.monotonic() - self._idle_since >= expiry
 
     @property
     def idle(self) -> bool:

@@ -230,9 +230,7 @@ class OverlayStream(ByteStream):
                     else:
                         view = memoryview(rest)  # slices of a view copy nothing
                         chunk, rest = view[:room], view[room:]
-                    self._tunnel.send_stream(self._stream_id, bytes(chunk))
-                    self.bytes_sent += len(chunk)
-                    self._node._flush()
+                    self._push(bytes(chunk))
                     continue
                 waiter = self._writable = self._node._new_waiter()
                 await waiter.wait()
@@ -341,10 +339,14 @@ class OverlayStream(ByteStream):
             or self._tunnel.send_buffer_available(self._stream_id) < len(data)
         ):
             return False
+        self._push(data)
+        return True
+
+    def _push(self, data: bytes) -> None:
+        """Hand `data`, which the send buffer has room for, to the tunnel and send it."""
         self._tunnel.send_stream(self._stream_id, data)
         self.bytes_sent += len(data)
         self._node._flush()
-        return True
 
 
 class OverlayListener(Listener[OverlayStream]):
