@@ -21,9 +21,10 @@ after its own), refuses streams past it, and lets the rest finish.
 
 Half-open connections and requests are reaped: when nothing has arrived from
 the peer for `idle_timeout` seconds (nor has a request ended), a connection
-with no requests gets a graceful GOAWAY and closes (this also ends streams that never sent the
-preface), and a request whose app waits in ``receive()`` for a body that has
-stopped coming is reset, its app seeing ``http.disconnect``.
+with no requests gets a graceful GOAWAY and closes (this also ends streams
+that never finished the preface), and a request whose app waits in
+``receive()`` for a body that has stopped coming is reset, its app seeing
+``http.disconnect``.
 """
 
 from __future__ import annotations
