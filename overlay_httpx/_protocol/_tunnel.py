@@ -62,6 +62,9 @@ _MAX_UNCONFIRMED: Final = 3
 _PTO_REHANDSHAKE: Final = 4  # consecutive probe timeouts before we suspect a peer restart
 _SILENCE_PTOS: Final = 4  # ...or this many probe intervals without a word from the peer
 _MIN_SILENCE: Final = 1.0  # seconds, at least
+# How long the initiator waits for data of its own to confirm new keys before it sends
+# a PING just for that: a connect is nearly always followed at once by a request.
+CONFIRM_DELAY: Final = 0.005
 
 
 class TunnelState:
@@ -111,6 +114,7 @@ class Tunnel:
         self._last_received = 0.0
         self._last_sent = 0.0
         self._waiting_since: float | None = None  # first eliciting send the peer has not answered
+        self._confirm_at: float | None = None  # when a PING confirms new keys, if data has not
         self._close_frame: Close | None = None
         self._close_repeats = 0
         self._closed_at: float | None = None
@@ -275,8 +279,11 @@ class Tunnel:
         self.remote_addr = addr
         self.candidates.clear()
         self._install(session, hello, identity, now)
-        # Key confirmation: the responder starts sending once it hears from us.
-        self._conn.queue_ping()
+        # Key confirmation: the responder starts sending once it hears from us. Our first
+        # ack-eliciting packet confirms; the request that usually follows a connect at
+        # once saves a datagram each way (a lone PING, and the ACK that two ack-eliciting
+        # packets would call for at once).
+        self._confirm_at = now + CONFIRM_DELAY
 
     def _on_refusal(
         self, pending: PendingInitiation, response: HandshakeResponse, now: float
@@ -600,6 +607,9 @@ class Tunnel:
         unconfirmed = self._unconfirmed_until
         if unconfirmed is not None and (best is None or unconfirmed < best):
             best = unconfirmed
+        confirm = self._confirm_at
+        if confirm is not None and (best is None or confirm < best):
+            best = confirm
         return best
 
     def handle_timer(self, now: float) -> None:
@@ -639,7 +649,10 @@ class Tunnel:
             self._conn.pto_streak = 0
             self._start_handshake(now)
         keepalive = self._keepalive_due()
-        if keepalive is not None and now >= keepalive:
+        if (keepalive is not None and now >= keepalive) or (
+            self._confirm_at is not None and now >= self._confirm_at
+        ):
+            self._confirm_at = None
             self._conn.queue_ping()
 
     def _suspect_restart_at(self) -> float | None:
@@ -750,6 +763,8 @@ class Tunnel:
         datagram = self._seal_frames(session, frames)
         self._conn.on_packet_sent(pn, frames, len(datagram), now, eliciting)
         self._last_sent = now
+        if eliciting:  # lost, it is probed for and resent: it confirms our keys
+            self._confirm_at = None
         if self._waiting_since is None and eliciting is not False:
             self._waiting_since = now
         return datagram

@@ -28,6 +28,7 @@ from overlay_httpx._protocol._events import (
     StreamStopSending,
     TunnelClosed,
 )
+from overlay_httpx._protocol._tunnel import CONFIRM_DELAY
 from overlay_httpx.testing import LinkConfig, Network
 
 
@@ -478,3 +479,45 @@ def test_a_draining_tunnel_replaced_by_a_new_handshake_leaves_no_index_behind() 
         a.endpoint.datagrams_to_send(net.now + 100)
         live = {id(t) for t in b.endpoint.tunnels()}
         assert all(id(t) in live for t in b.endpoint._indexes.values())
+
+
+def test_a_request_sent_on_connect_confirms_the_keys_without_a_ping() -> None:
+    """A node's connect returns when the handshake completes, and the request follows:
+    that request confirms the keys, so one datagram crosses each way after the handshake."""
+    net, a, b = make_pair()
+    tunnel = a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
+    assert net.run(until=lambda: established(a), timeout=5)
+    sid = tunnel.open_stream(80, net.now)
+    a.write(tunnel, sid, b"request", fin=True)
+    st = a.state(tunnel, sid)
+    assert net.run(until=lambda: st.eof, timeout=5)
+    assert st.received == b"request"
+    a_to_b = net.statistics_for(A_ADDR, B_ADDR).sent
+    b_to_a = net.statistics_for(B_ADDR, A_ADDR).sent
+    # INIT, the request (with FIN); RESPONSE, the echo (with FIN, and the ACK of the
+    # request). A PING for the keys would make it 3 and 3: two ack-eliciting packets
+    # call for an ACK at once.
+    assert (a_to_b, b_to_a) == (2, 2)
+
+
+def test_a_connect_with_nothing_to_send_confirms_the_keys_with_a_ping_soon_after() -> None:
+    net, a, b = make_pair(link=LinkConfig(delay=0.005))
+    a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
+    assert net.run(until=lambda: established(a), timeout=5)
+    completed_at = net.now
+    assert b.endpoint.tunnel(a.endpoint.public).awaiting_confirmation  # type: ignore[union-attr]
+    assert net.run(until=lambda: established(b), timeout=5)
+    assert net.now == pytest.approx(completed_at + CONFIRM_DELAY + 0.005)
+
+
+def test_the_confirming_ping_is_resent_when_lost() -> None:
+    net, a, b = make_pair(link=LinkConfig(delay=0.005))
+    a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
+    assert net.run(until=lambda: established(a), timeout=5)
+    net.partition(A_ADDR, B_ADDR)
+    net.run_for(CONFIRM_DELAY * 2)  # the PING is lost
+    net.partition(A_ADDR, B_ADDR, blocked=False)
+    assert net.run(until=lambda: established(b), timeout=5)
+    tunnel = b.endpoint.tunnel(a.endpoint.public)
+    assert tunnel is not None
+    assert tunnel.is_established
