@@ -225,6 +225,7 @@ class Node:
             timestamp_origin_ns=time.time_ns() - int(now * 1e9),
             network_key=self._network_key,
         )
+        self._endpoint.keys.prepare()
         if self._rv is not None:
             self._endpoint.on_identify_answer = self._rv.on_identify_answer
         self._udp = UdpSocket(
@@ -527,6 +528,7 @@ class Node:
                 self._router.process(endpoint)
                 if not self._flush_again:
                     break
+            endpoint.keys.prepare()  # the next handshake's key, while the peer reads ours
             timer = endpoint.get_timer()
             self._set_deadline(math.inf if timer is None else timer)
             if self._drained is not None and self._all_delivered():
