@@ -55,12 +55,21 @@ def test_cached_hpack_blocks_are_what_hpack_makes() -> None:
             size = 4096 if i % 2 else 1024
             encoder.header_table_size = plain_encoder.header_table_size = size
         block = encoder.encode(headers)
-        assert block == plain_encoder.encode(headers)
+        assert block == plain_encoder.encode(headers, huffman=False)
         decoded = decoder.decode(block, raw=True)
         assert decoded == plain_decoder.decode(block, raw=True) == headers
     # the caches were used
     assert encoder._blocks  # type: ignore[attr-defined]
     assert decoder._blocks  # type: ignore[attr-defined]
+
+
+def test_literals_leave_without_huffman_coding_and_any_decoder_reads_them() -> None:
+    encoder, _ = _cached_pair()
+    headers = [(b":path", b"/v1/generate"), (b"x-request-id", b"4f1c2a9e")]
+    block = encoder.encode(headers)  # h2 asks for Huffman; it is not used
+    assert b"/v1/generate" in block
+    assert b"4f1c2a9e" in block
+    assert hpack.Decoder().decode(block, raw=True) == headers
 
 
 def test_cached_decode_returns_a_new_list_each_time() -> None:
