@@ -56,6 +56,7 @@ from .. import _h2compat  # also gives DATA frames a cheap repr on import
 from .._node import OverlayAttribute, OverlayStream
 from ._request import Request, ResponseHeads, simple_response
 from ._scope import BadRequest, ConnectionInfo, ScopeBuilder
+from ._tasks import RequestTasks
 from ._types import ASGIApp
 
 __all__ = ["Connection"]
@@ -149,6 +150,7 @@ class Connection:
         self._extra = b""  # frames h2 does not know about (our graceful GOAWAY)
         self._first_flush_due = False  # the first read's frames wait for a request task
         self._task_group: TaskGroup | None = None
+        self._request_tasks: RequestTasks | None = None
         self._read_scope: anyio.CancelScope | None = None
         self._stop_reading_now = False
         self._draining = False
@@ -162,9 +164,11 @@ class Connection:
     async def run(self) -> None:
         """Serve until the peer leaves, the connection breaks or shutdown ends it; then close."""
         h2 = self.h2
+        tasks: RequestTasks | None = None
         try:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
+                tasks = self._request_tasks = RequestTasks(task_group)
                 h2.initiate_connection()
                 h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
                 reaper = anyio.CancelScope()
@@ -180,9 +184,13 @@ class Connection:
                         await self._read_loop()
                 self._read_scope = None
                 reaper.cancel()
+                await tasks.wait()
         finally:
             self._task_group = None
             with anyio.CancelScope(shield=True):
+                if tasks is not None and len(tasks):  # cancelled (abort, or from outside)
+                    tasks.cancel()
+                    await tasks.wait()
                 await self._close()
 
     def start_shutdown(self) -> None:
@@ -209,6 +217,8 @@ class Connection:
             # A writer is stuck in a send the peer is not reading: only a reset frees it.
             self._mark_dead("shutdown timed out while the peer was not reading")
             self._stream.reset()
+        if self._request_tasks is not None:
+            self._request_tasks.cancel()
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
         self._stop_reading()
@@ -401,8 +411,8 @@ class Connection:
         request = Request(self, sid, scope)
         self.requests[sid] = request
         self.open_streams += 1
-        assert self._task_group is not None
-        self._task_group.start_soon(self._run_request, request)
+        assert self._request_tasks is not None
+        self._request_tasks.start(self._run_request, request)
 
     async def _run_request(self, request: Request) -> None:
         try:
