@@ -92,6 +92,7 @@ class H2ClientConnection:
         self._idle_since = time.monotonic()
         self.peer: Address = stream.extra(OverlayAttribute.peer_address)
         self.peer_identity: PublicIdentity = stream.extra(OverlayAttribute.peer_identity)
+        self.fingerprint = self.peer_identity.fingerprint  # a hash: once, not per response
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
         settings = h2.settings.Settings(
@@ -385,6 +386,13 @@ class H2ClientConnection:
             assert exchange.error is not None
             raise exchange.error
         return exchange.head
+
+    def has_data(self, sid: int) -> bool:
+        """`receive_data` would return without waiting for the peer."""
+        exchange = self._exchanges.get(sid)
+        return exchange is not None and bool(
+            exchange.chunks or exchange.ended or exchange.error is not None
+        )
 
     async def receive_data(self, sid: int) -> bytes | None:
         """The next piece of the response body, or None at its end."""

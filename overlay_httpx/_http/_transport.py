@@ -108,8 +108,13 @@ class _Body(httpx.AsyncByteStream):
     async def __anext__(self) -> bytes:
         # A class, not an async generator: a caller that stops early leaves
         # nothing behind for the garbage collector to finalise.
-        with map_errors("read", self._request, self._what), anyio.fail_after(self._read_timeout):
-            data = await self._conn.receive_data(self._sid)
+        conn, sid = self._conn, self._sid
+        with map_errors("read", self._request, self._what):
+            if conn.has_data(sid):  # a small body is all there: no timer to set and cancel
+                data = await conn.receive_data(sid)
+            else:
+                with anyio.fail_after(self._read_timeout):
+                    data = await conn.receive_data(sid)
         if data is None:
             raise StopAsyncIteration
         return data
@@ -346,7 +351,7 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             "overlay": {
                 "peer_address": conn.peer,
                 "peer_identity": conn.peer_identity,
-                "fingerprint": conn.peer_identity.fingerprint,
+                "fingerprint": conn.fingerprint,
                 "path": stream.extra(OverlayAttribute.path),
                 "rtt": stream.extra(OverlayAttribute.rtt),
             },
