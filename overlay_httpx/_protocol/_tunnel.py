@@ -84,6 +84,7 @@ class _Owner(ConnectionOwner, Protocol):
     def release_index(self, index: int) -> None: ...
     def timestamp(self, now: float) -> int: ...
     def count_drop(self, reason: str) -> None: ...
+    def touch(self, tunnel: Tunnel) -> None: ...
 
 
 class Tunnel:
@@ -143,12 +144,14 @@ class Tunnel:
     def connect(self, now: float) -> None:
         """Start a handshake unless one is running or keys already exist."""
         self._check_open()
+        self._owner.touch(self)
         if self.state == TunnelState.IDLE:
             self._start_handshake(now)
 
     def open_stream(self, port: int, now: float) -> int:
         """A new stream to `port`; costs no round trip (the first frame names the port)."""
         self._check_open()
+        self._owner.touch(self)
         stream_id = self._conn.open_stream(port)
         if self.state == TunnelState.IDLE and not self._unconfirmed:
             self._start_handshake(now)
@@ -156,6 +159,7 @@ class Tunnel:
 
     def send_stream(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
         """Queue `data` (and optionally the FIN) on a stream; sends as windows allow."""
+        self._owner.touch(self)
         self._conn.send_stream(stream_id, data, end_stream=end_stream)
 
     def send_buffer_available(self, stream_id: int) -> int:
@@ -164,6 +168,7 @@ class Tunnel:
 
     def read_stream(self, stream_id: int, max_bytes: int = -1, *, now: float) -> bytes:
         """In-order bytes now readable (b"" when none, or at the end: see `stream_at_eof`)."""
+        self._owner.touch(self)  # reading may open the window: a MAX_DATA to send
         return self._conn.read_stream(stream_id, max_bytes, now)
 
     def stream_at_eof(self, stream_id: int) -> bool:
@@ -171,10 +176,12 @@ class Tunnel:
 
     def reset_stream(self, stream_id: int, error_code: int = ERROR_NO_ERROR) -> None:
         """Abandon our sending side (RESET_STREAM)."""
+        self._owner.touch(self)
         self._conn.reset_stream(stream_id, error_code)
 
     def stop_sending(self, stream_id: int, error_code: int = ERROR_NO_ERROR) -> None:
         """Ask the peer to stop sending on this stream (we will not read more)."""
+        self._owner.touch(self)
         self._conn.stop_sending(stream_id, error_code)
 
     @property
@@ -195,6 +202,7 @@ class Tunnel:
     def ping(self) -> None:
         """Send an ACK-eliciting PING soon (e.g. to show the peer a new path at once)."""
         if self.state == TunnelState.ESTABLISHED:
+            self._owner.touch(self)
             self._conn.queue_ping()
 
     def stream_ids(self) -> list[int]:
@@ -204,6 +212,7 @@ class Tunnel:
         """Tell the peer (CLOSE, sent at most a few times) and end every stream."""
         if self.state == TunnelState.CLOSED:
             return
+        self._owner.touch(self)
         if self._session is not None:
             self._close_frame = Close(error_code, reason)
         self._finish(now, error_code, reason or "closed locally", by_peer=False)
@@ -318,10 +327,12 @@ class Tunnel:
     def retry_handshake(self, now: float) -> None:
         """Send a fresh initiation now (to `remote_addr` and every candidate), if one is running."""
         if self._handshake_started is not None and self.state != TunnelState.CLOSED:
+            self._owner.touch(self)
             self._send_initiation(now)
 
     def use_path(self, addr: tuple[str, int]) -> None:
         """Send to `addr` from now on (before the handshake, or to fall back to the relay)."""
+        self._owner.touch(self)
         self.remote_addr = addr
 
     def probe_path(self, addr: tuple[str, int]) -> None:
@@ -330,6 +341,7 @@ class Tunnel:
             return
         for token in [t for t, a in self._challenges.items() if a == addr]:
             del self._challenges[token]  # a probe is a fresh challenge: the last may be lost
+        self._owner.touch(self)
         self._challenge_path(addr)
 
     @property
