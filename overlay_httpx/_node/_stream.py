@@ -141,6 +141,8 @@ class OverlayStream(ByteStream):
         self._extra: dict[Any, Callable[[], Any]] | None = None
         self._receive_guard = anyio.ResourceGuard("reading from")
         self._send_guard = anyio.ResourceGuard("writing to")
+        self._sending = False  # a `send` is under way (`try_send` then declines)
+        self._on_readable: Callable[[], None] | None = None
 
     # -- what the node calls --------------------------------------------------------------
 
@@ -149,7 +151,10 @@ class OverlayStream(ByteStream):
         return self._tunnel.peer, self._stream_id
 
     def _wake_reader(self) -> None:
-        if self._readable is not None:
+        callback = self._on_readable
+        if callback is not None:
+            callback()
+        elif self._readable is not None:
             self._readable.set()
             self._readable = None
 
@@ -187,53 +192,82 @@ class OverlayStream(ByteStream):
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         with self._receive_guard:
             while True:
-                if self._closed:
-                    raise anyio.ClosedResourceError
-                if self._eof_received:
-                    raise anyio.EndOfStream
-                if self._receive_error is not None:
-                    raise self._receive_error
-                tunnel, sid = self._tunnel, self._stream_id
-                data = tunnel.read_stream(sid, max_bytes, now=self._node._now())
-                at_eof = tunnel.stream_at_eof(sid)
-                if at_eof:
-                    self._eof_received = True
+                data = self.receive_nowait(max_bytes)
                 if data:
-                    if tunnel.wants_to_send:
-                        self._node._flush()  # window updates the read released
-                    self._node._forget_if_done(self)
                     return data
-                if at_eof:
-                    self._node._forget_if_done(self)
-                    raise anyio.EndOfStream
                 waiter = self._readable = self._node._new_waiter()
                 await waiter.wait()
 
+    def receive_nowait(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+        """What `receive` would return, without waiting: b"" when nothing has arrived.
+
+        Raises as `receive` does (`anyio.EndOfStream` at the end, the tunnel's
+        error, `anyio.ClosedResourceError`). With `set_reader` it is the way to read.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._eof_received:
+            raise anyio.EndOfStream
+        if self._receive_error is not None:
+            raise self._receive_error
+        tunnel, sid = self._tunnel, self._stream_id
+        data = tunnel.read_stream(sid, max_bytes, now=self._node._now())
+        at_eof = tunnel.stream_at_eof(sid)
+        if at_eof:
+            self._eof_received = True
+        if data:
+            if tunnel.wants_to_send:
+                self._node._flush()  # window updates the read released
+            self._node._forget_if_done(self)
+            return data
+        if at_eof:
+            self._node._forget_if_done(self)
+            raise anyio.EndOfStream
+        return b""
+
+    def set_reader(self, callback: Callable[[], None] | None) -> None:
+        """Have the node call `callback` whenever `receive_nowait` may have something new
+        (bytes, the end, a failure), instead of waking a task waiting in `receive`.
+
+        For protocol-style readers such as the HTTP/2 server: they read in the
+        node's own handling of the datagram, an event-loop pass sooner than a
+        task woken to read. The callback runs inside that handling: it must not
+        raise, and what it sends leaves when the handling ends. None restores
+        `receive`.
+        """
+        self._on_readable = callback
+
     async def send(self, item: bytes) -> None:
         with self._send_guard:
-            # Bytes go to the tunnel as they are when they fit (no view, no copy);
-            # anything else, or what does not fit, is cut through a memoryview.
-            rest: bytes | memoryview = item if type(item) is bytes else memoryview(item).cast("B")
-            while True:
-                if self._closed:
-                    raise anyio.ClosedResourceError
-                if self._send_error is not None:
-                    raise self._send_error
-                if self._eof_sent:
-                    raise anyio.ClosedResourceError("send() after send_eof()")
-                if not rest:
-                    return
-                room = self._tunnel.send_buffer_available(self._stream_id)
-                if room:
-                    if len(rest) <= room:
-                        chunk, rest = rest, b""
-                    else:
-                        view = memoryview(rest)  # slices of a view copy nothing
-                        chunk, rest = view[:room], view[room:]
-                    self._push(bytes(chunk))
-                    continue
-                waiter = self._writable = self._node._new_waiter()
-                await waiter.wait()
+            self._sending = True
+            try:
+                # Bytes go to the tunnel as they are when they fit (no view, no copy);
+                # anything else, or what does not fit, is cut through a memoryview.
+                rest: bytes | memoryview = (
+                    item if type(item) is bytes else memoryview(item).cast("B")
+                )
+                while True:
+                    if self._closed:
+                        raise anyio.ClosedResourceError
+                    if self._send_error is not None:
+                        raise self._send_error
+                    if self._eof_sent:
+                        raise anyio.ClosedResourceError("send() after send_eof()")
+                    if not rest:
+                        return
+                    room = self._tunnel.send_buffer_available(self._stream_id)
+                    if room:
+                        if len(rest) <= room:
+                            chunk, rest = rest, b""
+                        else:
+                            view = memoryview(rest)  # slices of a view copy nothing
+                            chunk, rest = view[:room], view[room:]
+                        self._push(bytes(chunk))
+                        continue
+                    waiter = self._writable = self._node._new_waiter()
+                    await waiter.wait()
+            finally:
+                self._sending = False
 
     async def send_eof(self) -> None:
         """Half-close: the peer reads every byte sent so far, then end-of-stream."""
@@ -335,7 +369,7 @@ class OverlayStream(ByteStream):
             self._closed
             or self._send_error is not None
             or self._eof_sent
-            or self._send_guard._guarded
+            or self._sending
             or self._tunnel.send_buffer_available(self._stream_id) < len(data)
         ):
             return False
