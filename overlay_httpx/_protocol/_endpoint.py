@@ -205,8 +205,13 @@ class Endpoint:
         self._dirty[tunnel.peer] = tunnel
 
     def touch(self, tunnel: Tunnel) -> None:
-        """Something happened to `tunnel`: the next flush asks it for datagrams and its timer."""
-        self._dirty[tunnel.peer] = tunnel
+        """Something happened to `tunnel`: the next flush asks it for datagrams and its timer.
+
+        A call on a tunnel object that has been replaced for its peer (closed,
+        then connected again) leaves the replacement's mark alone.
+        """
+        if self._tunnels.get(tunnel.peer) is tunnel:
+            self._dirty[tunnel.peer] = tunnel
 
     def next_event(self) -> Event | None:
         return self.events.popleft() if self.events else None
@@ -241,8 +246,8 @@ class Endpoint:
             if tunnel is None or session is None:
                 self._drops["unknown_session"] += 1
                 return
+            self._dirty[tunnel.peer] = tunnel  # first: marked even if handling fails
             tunnel.handle_data(session, counter, data, addr, now)
-            self._dirty[tunnel.peer] = tunnel
             if tunnel.peer in self._dormant and not tunnel.awaiting_confirmation:
                 self._wake(tunnel)  # an authenticated packet confirmed the handshake
         elif kind == TYPE_INIT:

@@ -4,7 +4,7 @@ every tunnel's timers still fire (keepalives, idle timeouts) at their time."""
 from __future__ import annotations
 
 import pytest
-from _harness import B_ADDR, App, echo_round_trip
+from _harness import B_ADDR, App, echo_round_trip, make_pair
 
 from overlay_httpx import Address, Identity
 from overlay_httpx._protocol._config import TunnelConfig
@@ -90,3 +90,20 @@ def test_every_tunnel_of_many_keeps_its_timers(persistent: bool) -> None:
         assert {e.reason for e in closed} == {"idle timeout"}  # type: ignore[attr-defined]
         assert server.endpoint.tunnels() == []  # all drained and forgotten
         assert net.now - start == pytest.approx(600.0)
+
+
+def test_a_call_on_a_replaced_tunnel_object_does_not_hide_its_successor() -> None:
+    """A late call on the old object of a peer's closed tunnel must not take the place
+    of the new tunnel's mark: the new one's INIT still leaves and its timers still run."""
+    net, a, b = make_pair()
+    echo_round_trip(net, a, b)
+    old = a.endpoint.tunnel(b.endpoint.public)
+    assert old is not None
+    sid = old.stream_ids()[0] if old.stream_ids() else 0
+    old.close(net.now, reason="done")
+    net.run_for(5.0)  # drained and forgotten
+    assert a.endpoint.tunnel(b.endpoint.public) is None
+    new = a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
+    assert old.read_stream(sid, now=net.now) == b""  # a straggling read on the old object
+    assert net.run(until=lambda: new.is_established, timeout=5)
+    echo_round_trip(net, a, b)
