@@ -73,3 +73,62 @@ async def test_a_failing_bare_task_is_logged_and_waited_for(
                 await tasks.wait()
     assert "an HTTP/2 request task failed" in caplog.text
     assert "bug 7" in caplog.text
+
+
+async def test_cancelling_respects_shields_and_repeats_like_a_task_group() -> None:
+    log: list[str] = []
+    started = anyio.Event()
+
+    async def shielded(i: int) -> None:
+        try:
+            started.set()
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.01)  # cleanup that must not be cut short
+            log.append("cleanup done")
+
+    async def swallows(i: int) -> None:
+        for step in range(3):
+            try:
+                await anyio.sleep(10)
+                log.append(f"slept {step}")
+            except BaseException:  # an app that swallows cancellation
+                log.append(f"cancelled {step}")
+
+    async with anyio.create_task_group() as group:
+        tasks = RequestTasks(group)
+        tasks.start(shielded, 1)
+        tasks.start(swallows, 2)
+        await started.wait()
+        await anyio.wait_all_tasks_blocked()
+        tasks.cancel()
+        with anyio.fail_after(5):  # every later await of the swallower is cancelled too
+            await tasks.wait()
+        group.cancel_scope.cancel()
+    assert "cleanup done" in log
+    assert [e for e in log if "0" in e or "1" in e or "2" in e] == [
+        "cancelled 0",
+        "cancelled 1",
+        "cancelled 2",
+    ]
+
+
+async def test_a_request_cancelled_before_its_first_step_still_runs_its_cleanup() -> None:
+    cleaned: list[int] = []
+
+    async def request(i: int) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cleaned.append(i)
+
+    async with anyio.create_task_group() as group:
+        tasks = RequestTasks(group)
+        tasks.start(request, 1)
+        tasks.cancel()  # before the task ran at all
+        tasks.start(request, 2)  # and one started after the cancel
+        with anyio.fail_after(5):
+            await tasks.wait()
+        group.cancel_scope.cancel()
+    assert sorted(cleaned) == [1, 2]
