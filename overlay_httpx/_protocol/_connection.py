@@ -458,6 +458,12 @@ class Connection:
             self.pto_streak += 1
         return bool(result.probes)
 
+    def probe(self) -> None:
+        """An ack-eliciting packet (a PING, and what else fits) goes out at the next send,
+        even with a full congestion window."""
+        self._probes += 1
+        self.queue_ping()
+
     def queue_ping(self) -> None:
         if not any(isinstance(f, Ping) for f in self._control):
             self._control.append(Ping())

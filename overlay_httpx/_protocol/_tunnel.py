@@ -660,11 +660,14 @@ class Tunnel:
             # A fresh handshake finds out.
             self._conn.pto_streak = 0
             self._start_handshake(now)
-        keepalive = self._keepalive_due()
-        if (keepalive is not None and now >= keepalive) or (
-            self._confirm_at is not None and now >= self._confirm_at
-        ):
+        if self._confirm_at is not None and now >= self._confirm_at:
+            # Sent whatever the congestion window says: a window full of packets to a
+            # session the peer forgot must not keep our new keys unconfirmed until
+            # the peer gives up on them (its handshake timeout).
             self._confirm_at = None
+            self._conn.probe()
+        keepalive = self._keepalive_due()
+        if keepalive is not None and now >= keepalive:
             self._conn.queue_ping()
 
     def _suspect_restart_at(self) -> float | None:

@@ -521,3 +521,18 @@ def test_the_confirming_ping_is_resent_when_lost() -> None:
     tunnel = b.endpoint.tunnel(a.endpoint.public)
     assert tunnel is not None
     assert tunnel.is_established
+
+
+def test_the_confirming_ping_goes_out_through_a_full_congestion_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys are confirmed even when the window is full (of packets to a session the peer
+    may have forgotten): the PING is a probe, which the window does not hold back."""
+    net, a, b = make_pair(link=LinkConfig(delay=0.005))
+    tunnel = a.endpoint.connect(b.endpoint.public, B_ADDR, net.now)
+    full = type(tunnel._conn._congestion)
+    monkeypatch.setattr(full, "can_send", lambda self, size: False)  # every window full
+    assert net.run(until=lambda: established(a), timeout=5)
+    completed_at = net.now
+    assert net.run(until=lambda: established(b), timeout=5)
+    assert net.now == pytest.approx(completed_at + CONFIRM_DELAY + 0.005)
