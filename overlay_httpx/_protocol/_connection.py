@@ -514,7 +514,7 @@ class Connection:
         ack = self._acks.deadline
         if ack is not None and (best is None or ack < best):
             best = ack
-        if self._send_queue or self._control:
+        if self._send_queue or self._control or self._max_data_update:
             size = self._config.max_datagram_size
             pace = self._pacer.next_send_time(last_sent, size)
             if (
