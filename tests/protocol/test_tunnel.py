@@ -28,7 +28,7 @@ from overlay_httpx._protocol._events import (
     StreamStopSending,
     TunnelClosed,
 )
-from overlay_httpx._protocol._tunnel import CONFIRM_DELAY
+from overlay_httpx._protocol._handshake import CONFIRM_DELAY
 from overlay_httpx.testing import LinkConfig, Network
 
 
