@@ -1,10 +1,9 @@
 """One overlay stream from one peer: one HTTP/2 connection carrying many requests.
 
-Received bytes are read by a callback the node calls as they arrive
-(`OverlayStream.set_reader`), which feeds them to a sans-IO
-`h2.connection.H2Connection` and turns its events into request tasks (one
-task per request, the only task spawned per request) and wake-ups. Every h2
-call happens between awaits, never across one. Every write goes through `flush`, which lets one task at a
+The reader feeds received bytes to a sans-IO `h2.connection.H2Connection` and
+turns its events into request tasks (one task per request, the only task
+spawned per request) and wake-ups. Every h2 call happens between awaits,
+never across one. Every write goes through `flush`, which lets one task at a
 time write to the stream: the task that finds the stream idle writes all that
 h2 has queued (its own frames and anyone else's). When the overlay stream can
 take all of it at once, that happens synchronously; otherwise in as few `send`
