@@ -153,9 +153,6 @@ class Connection:
         self._request_tasks: RequestTasks | None = None
         self._read_scope: anyio.CancelScope | None = None
         self._stop_reading_now = False
-        self._reading_over = anyio.Event()
-        self._first_read = True
-        self._unsent = b""  # taken from h2, not yet written (see `_flush_now`)
         self._draining = False
         self._goaway_last: int | None = None
         self._peer = stream.extra(OverlayAttribute.peer_address)
@@ -184,7 +181,7 @@ class Connection:
                 with anyio.CancelScope() as scope:
                     self._read_scope = scope
                     if not self._stop_reading_now:
-                        await self._read()
+                        await self._read_loop()
                 self._read_scope = None
                 reaper.cancel()
                 await tasks.wait()
@@ -228,7 +225,6 @@ class Connection:
 
     def _stop_reading(self) -> None:
         self._stop_reading_now = True
-        self._reading_over.set()
         if self._read_scope is not None:
             self._read_scope.cancel()
 
@@ -280,75 +276,44 @@ class Connection:
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _read(self) -> None:
-        """Read until the peer is done or reading stops.
-
-        The reading itself is `_on_readable`, which the node calls as data
-        arrives (`OverlayStream.set_reader`): a request's task is started in
-        the same event-loop pass as its datagram arrives, not one pass later
-        in a reader task of our own.
-        """
-        stream = self._stream
-        stream.set_reader(self._on_readable)
-        try:
-            self._on_readable()  # what came before we were reading (the first request)
-            await self._reading_over.wait()
-        finally:
-            stream.set_reader(None)
-
-    def _on_readable(self) -> None:
-        """Take in everything readable now; never raises (it runs inside the node)."""
-        try:
-            self._take_in()
-        except Exception as exc:  # a bug of ours: lose this connection, not the node
-            logger.exception("HTTP/2 connection from %s failed", self._peer)
-            self._protocol_error(exc)
-            self._flush_now()
-
-    def _take_in(self) -> None:
+    async def _read_loop(self) -> None:
         stream, h2 = self._stream, self.h2
-        while not self._stop_reading_now:
+        timed = self._idle_timeout is not None
+        first = True
+        while True:
             try:
-                data = stream.receive_nowait(RECEIVE_SIZE)
+                data = await stream.receive(RECEIVE_SIZE)
+                if timed:
+                    self._last_active = anyio.current_time()
             except anyio.EndOfStream:
                 if self._first_flush_due:  # what the first read asked for goes out first
-                    self._flush_now()
+                    await self.flush(wait=False)
                 self._mark_dead("the peer closed the stream")
                 return
             except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 self._mark_dead(f"the stream broke: {exc}")
                 return
-            if not data:
-                return
-            if self._idle_timeout is not None:
-                self._last_active = anyio.current_time()
             requests = len(self.requests)
             try:
                 events = h2.receive_data(data)
             except Exception as exc:  # ProtocolError, or whatever else garbage provokes
                 self._protocol_error(exc)
             else:
-                self._handle(events)
-            first, self._first_read = self._first_read, False
+                try:
+                    self._handle(events)
+                except Exception as exc:  # a bug of ours: lose this connection, not the server
+                    logger.exception("HTTP/2 connection from %s failed", self._peer)
+                    self._protocol_error(exc)
             if first and len(self.requests) > requests and self._task_group is not None:
                 # The connection's first frames (SETTINGS, their ACK, WINDOW_UPDATE) wait
                 # for the new request task's first step: a quick response takes them along.
                 self._first_flush_due = True
                 self._task_group.start_soon(self.flush, False)
-            elif not self._first_flush_due:
-                self._flush_now()
-
-    def _flush_now(self) -> None:
-        """`flush(wait=False)` for code that cannot await: what the stream takes at once
-        goes now, anything else through a flush task."""
-        if self._writing or self.dead:
-            return
-        data = self._take()
-        if not data or self._stream.try_send(data):
-            return
-        self._unsent = data  # first in line for the next `_take`
-        if self._task_group is not None:
-            self._task_group.start_soon(self.flush, False)
+            else:
+                await self.flush(wait=False)
+            first = False
+            if self._stop_reading_now:
+                return
 
     def _protocol_error(self, exc: Exception) -> None:
         """The peer broke HTTP/2: GOAWAY (h2 may have queued it already) and give up."""
@@ -471,8 +436,6 @@ class Connection:
     def _take(self) -> bytes:
         self._first_flush_due = False
         data = self.h2.data_to_send()
-        if self._unsent:
-            data, self._unsent = self._unsent + data, b""
         if self._extra:
             data, self._extra = data + self._extra, b""
         return data
