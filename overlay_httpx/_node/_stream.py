@@ -142,7 +142,6 @@ class OverlayStream(ByteStream):
         self._receive_guard = anyio.ResourceGuard("reading from")
         self._send_guard = anyio.ResourceGuard("writing to")
         self._sending = False  # a `send` is under way (`try_send` then declines)
-        self._on_readable: Callable[[], None] | None = None
 
     # -- what the node calls --------------------------------------------------------------
 
@@ -151,10 +150,7 @@ class OverlayStream(ByteStream):
         return self._tunnel.peer, self._stream_id
 
     def _wake_reader(self) -> None:
-        callback = self._on_readable
-        if callback is not None:
-            callback()
-        elif self._readable is not None:
+        if self._readable is not None:
             self._readable.set()
             self._readable = None
 
@@ -192,50 +188,27 @@ class OverlayStream(ByteStream):
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         with self._receive_guard:
             while True:
-                data = self.receive_nowait(max_bytes)
+                if self._closed:
+                    raise anyio.ClosedResourceError
+                if self._eof_received:
+                    raise anyio.EndOfStream
+                if self._receive_error is not None:
+                    raise self._receive_error
+                tunnel, sid = self._tunnel, self._stream_id
+                data = tunnel.read_stream(sid, max_bytes, now=self._node._now())
+                at_eof = tunnel.stream_at_eof(sid)
+                if at_eof:
+                    self._eof_received = True
                 if data:
+                    if tunnel.wants_to_send:
+                        self._node._flush()  # window updates the read released
+                    self._node._forget_if_done(self)
                     return data
+                if at_eof:
+                    self._node._forget_if_done(self)
+                    raise anyio.EndOfStream
                 waiter = self._readable = self._node._new_waiter()
                 await waiter.wait()
-
-    def receive_nowait(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
-        """What `receive` would return, without waiting: b"" when nothing has arrived.
-
-        Raises as `receive` does (`anyio.EndOfStream` at the end, the tunnel's
-        error, `anyio.ClosedResourceError`). With `set_reader` it is the way to read.
-        """
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if self._eof_received:
-            raise anyio.EndOfStream
-        if self._receive_error is not None:
-            raise self._receive_error
-        tunnel, sid = self._tunnel, self._stream_id
-        data = tunnel.read_stream(sid, max_bytes, now=self._node._now())
-        at_eof = tunnel.stream_at_eof(sid)
-        if at_eof:
-            self._eof_received = True
-        if data:
-            if tunnel.wants_to_send:
-                self._node._flush()  # window updates the read released
-            self._node._forget_if_done(self)
-            return data
-        if at_eof:
-            self._node._forget_if_done(self)
-            raise anyio.EndOfStream
-        return b""
-
-    def set_reader(self, callback: Callable[[], None] | None) -> None:
-        """Have the node call `callback` whenever `receive_nowait` may have something new
-        (bytes, the end, a failure), instead of waking a task waiting in `receive`.
-
-        For protocol-style readers such as the HTTP/2 server: they read in the
-        node's own handling of the datagram, an event-loop pass sooner than a
-        task woken to read. The callback runs inside that handling: it must not
-        raise, and what it sends leaves when the handling ends. None restores
-        `receive`.
-        """
-        self._on_readable = callback
 
     async def send(self, item: bytes) -> None:
         with self._send_guard:

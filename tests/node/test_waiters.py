@@ -7,7 +7,7 @@ import asyncio
 
 import anyio
 import pytest
-from _nodes import node_pair, receive_all
+from _nodes import node_pair, payload, receive_all
 
 from overlay_httpx._node._stream import FutureWaiter, waiter_factory
 
@@ -77,3 +77,18 @@ async def test_send_takes_bytes_bytearray_and_memoryview() -> None:
         incoming = await listener.accept()
         with anyio.fail_after(5):
             assert await receive_all(incoming) == b"abcdefgh"
+
+
+async def test_try_send_declines_while_a_send_waits_for_room() -> None:
+    async with node_pair() as (a, b):
+        listener = await b.listen(7)
+        stream = await a.connect(b.address, 7)
+        await stream.send(b"x")
+        await listener.accept()  # and never read: the window fills
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.send, payload(16 << 20))
+            await anyio.wait_all_tasks_blocked()  # the send filled the buffer and waits
+            assert stream._sending
+            assert not stream.try_send(b"small")  # would cut into the send under way
+            tg.cancel_scope.cancel()
+        assert not stream._sending  # the cancelled send is over
