@@ -371,7 +371,10 @@ class Request:
                 window = h2.local_flow_control_window(sid)
                 if window <= 0:
                     await connection.flush()  # what is queued goes out before we sleep
-                    await self._wait_writable()
+                    # The peer may have opened the window while that flush waited (its
+                    # WINDOW_UPDATE found no one to wake): look again before sleeping.
+                    if h2.local_flow_control_window(sid) <= 0 and not self.gone:
+                        await self._wait_writable()
                     if self.gone:
                         return
                     continue
