@@ -310,7 +310,10 @@ class Connection:
                 self._first_flush_due = True
                 self._task_group.start_soon(self.flush, False)
             else:
-                await self.flush(wait=False)
+                # While a writer waits for the peer to take what we sent, read no
+                # more: the peer's flow control then stops it too. Read on, and a
+                # peer that floods PINGs and never reads piles our answers up here.
+                await self.flush(wait=self._writing)
             first = False
             if self._stop_reading_now:
                 return
