@@ -71,6 +71,9 @@ CONNECTION_WINDOW: Final = 8 * 1024 * 1024
 MAX_FRAME_SIZE: Final = 64 * 1024
 #: how long closing waits to deliver its last frames to a peer that does not read
 CLOSE_TIMEOUT: Final = 1.0
+#: what the peer's frames may make us owe it (PING and SETTINGS ACKs, resets,
+#: refusals) while a writer waits for it to read, before we stop reading too
+READER_OUTPUT_LIMIT: Final = 64 * 1024
 _DEFAULT_WINDOW: Final = 65535
 
 _H2_CONFIG: Final = H2Configuration(
@@ -148,6 +151,8 @@ class Connection:
         self._writing = False
         self._flushed: anyio.Event | None = None
         self._extra = b""  # frames h2 does not know about (our graceful GOAWAY)
+        self._unsent = bytearray()  # taken from h2 while a writer waits; it goes first
+        self._owed = 0  # bytes the peer's frames made us queue since the writer began
         self._first_flush_due = False  # the first read's frames wait for a request task
         self._task_group: TaskGroup | None = None
         self._request_tasks: RequestTasks | None = None
@@ -294,6 +299,9 @@ class Connection:
                 self._mark_dead(f"the stream broke: {exc}")
                 return
             requests = len(self.requests)
+            writing = self._writing
+            if writing:  # what is queued already is not the peer's doing: set it apart
+                self._unsent += h2.data_to_send()
             try:
                 events = h2.receive_data(data)
             except Exception as exc:  # ProtocolError, or whatever else garbage provokes
@@ -309,11 +317,18 @@ class Connection:
                 # for the new request task's first step: a quick response takes them along.
                 self._first_flush_due = True
                 self._task_group.start_soon(self.flush, False)
+            elif writing:
+                # A writer waits for the peer to take what we sent. Read on (a peer
+                # may read only after its own writes go through), but bound what its
+                # frames make us owe meanwhile: a peer that floods PINGs and never
+                # reads is then stopped by its flow control, as we stop reading.
+                owed = h2.data_to_send()
+                self._unsent += owed
+                self._owed += len(owed)
+                if self._owed > READER_OUTPUT_LIMIT:
+                    await self.flush()
             else:
-                # While a writer waits for the peer to take what we sent, read no
-                # more: the peer's flow control then stops it too. Read on, and a
-                # peer that floods PINGs and never reads piles our answers up here.
-                await self.flush(wait=self._writing)
+                await self.flush(wait=False)
             first = False
             if self._stop_reading_now:
                 return
@@ -439,6 +454,10 @@ class Connection:
     def _take(self) -> bytes:
         self._first_flush_due = False
         data = self.h2.data_to_send()
+        if self._unsent:
+            self._unsent += data
+            data = bytes(self._unsent)
+            self._unsent.clear()
         if self._extra:
             data, self._extra = data + self._extra, b""
         return data
@@ -474,6 +493,7 @@ class Connection:
             self._mark_dead(f"sending failed: {exc}")
         finally:
             self._writing = False
+            self._owed = 0
             event = self._flushed
             if event is not None:
                 self._flushed = None

@@ -373,7 +373,7 @@ class Request:
                     await connection.flush()  # what is queued goes out before we sleep
                     # The peer may have opened the window while that flush waited (its
                     # WINDOW_UPDATE found no one to wake): look again before sleeping.
-                    if h2.local_flow_control_window(sid) <= 0 and not self.gone:
+                    if not self.gone and h2.local_flow_control_window(sid) <= 0:
                         await self._wait_writable()
                     if self.gone:
                         return
