@@ -70,6 +70,10 @@ import anyio.to_thread
 import httpx
 from _harness import Children
 from _harness import machine as harness_machine
+from _soak_common import repo_root
+
+sys.path.insert(0, str(repo_root()))
+from examples.pipeline.common import stdin_eof
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -200,14 +204,6 @@ def make_app(node: Any, probe: Probe) -> ASGIApp:
     return app
 
 
-async def stdin_closed() -> None:
-    fd = sys.stdin.fileno()
-    while True:
-        await anyio.wait_readable(fd)
-        if not os.read(fd, 4096):
-            return
-
-
 async def _serve(handshake_timeout: float) -> None:
     from overlay_httpx import Identity, Node, serve
 
@@ -222,7 +218,7 @@ async def _serve(handshake_timeout: float) -> None:
         info = {"address": str(node.address), "identity": str(node.public)}
         info |= {"endpoint": "{}:{}".format(*node.endpoint), "pid": os.getpid()}
         print(json.dumps(info), flush=True)
-        await stdin_closed()
+        await stdin_eof()
         tg.cancel_scope.cancel()
 
 
