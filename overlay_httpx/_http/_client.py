@@ -79,6 +79,10 @@ class _Exchange:
         self.ended = False
         self.error: Exception | None = None
 
+    def body_ready(self) -> bool:
+        """Body bytes, the end or an error is there: reading it would not wait."""
+        return bool(self.chunks) or self.ended or self.error is not None
+
 
 class H2ClientConnection:
     """HTTP/2 client side of one overlay stream."""
@@ -390,16 +394,12 @@ class H2ClientConnection:
     def has_data(self, sid: int) -> bool:
         """`receive_data` would return without waiting for the peer."""
         exchange = self._exchanges.get(sid)
-        return exchange is not None and bool(
-            exchange.chunks or exchange.ended or exchange.error is not None
-        )
+        return exchange is not None and exchange.body_ready()
 
     async def receive_data(self, sid: int) -> bytes | None:
         """The next piece of the response body, or None at its end."""
         exchange = self._exchanges[sid]
-        await self._wait(
-            lambda: bool(exchange.chunks) or exchange.ended or exchange.error is not None
-        )
+        await self._wait(exchange.body_ready)
         if exchange.chunks:
             parts = []
             acked = 0
