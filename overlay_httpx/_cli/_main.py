@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .._protocol import COMPILED
 from .._version import __version__
 from . import _expose, _find, _gateway, _keygen, _rendezvous, _request, _serve, _status
 from ._errors import PROG, UsageError, report
@@ -80,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_global_options(inherit=False)],
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    core = "compiled" if COMPILED else "pure-Python"
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__} ({core} tunnel core)"
+    )
     subparsers = parser.add_subparsers(
         title="commands", dest="command", metavar="COMMAND", parser_class=_Parser
     )

@@ -89,7 +89,8 @@ DRAIN_PACING_GAIN: Final = 1 / STARTUP_PACING_GAIN
 PROBE_BW_CWND_GAIN: Final = 2.0
 """Window gain in ProbeBW: room for delayed and stretched ACKs without idling."""
 
-PROBE_BW_GAINS: Final = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+# (Final[tuple[float, ...]], not an inferred fixed-length tuple: mypyc issue 1183)
+PROBE_BW_GAINS: Final[tuple[float, ...]] = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 """ProbeBW pacing gains, one phase per min_rtt: probe, drain the probe, cruise six."""
 
 PROBE_BW_START_PHASE: Final = 2

@@ -20,6 +20,7 @@ from overlay_httpx._cli import main
 from overlay_httpx._cli._common import overlay_target, peer_spec
 from overlay_httpx._cli._errors import CliError, describe, leaves, report
 from overlay_httpx._node._node import default_address
+from overlay_httpx._protocol import COMPILED
 
 PEER = Identity.generate().public
 ADDRESS = default_address(PEER)
@@ -125,7 +126,9 @@ def test_global_options_may_follow_the_command(capsys: pytest.CaptureFixture[str
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.startswith("overlay-httpx ")
+    out = capsys.readouterr().out
+    assert out.startswith("overlay-httpx ")
+    assert ("(compiled tunnel core)" in out) == COMPILED, out
 
 
 def test_report_unwraps_exception_groups(capsys: pytest.CaptureFixture[str]) -> None:

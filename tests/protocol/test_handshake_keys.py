@@ -4,6 +4,7 @@ an ephemeral key made ahead of time serves exactly one handshake."""
 from __future__ import annotations
 
 import pytest
+from _build import patches_the_core
 
 from overlay_httpx import Address, Identity
 from overlay_httpx._exceptions import FrameError
@@ -42,6 +43,7 @@ def test_a_forged_binding_fails_every_time_and_is_not_remembered() -> None:
     assert len(_sessions._verified) <= before + 1
 
 
+@patches_the_core
 def test_the_memory_of_bindings_is_bounded_and_forgets_the_oldest_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

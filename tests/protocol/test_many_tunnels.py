@@ -4,6 +4,7 @@ every tunnel's timers still fire (keepalives, idle timeouts) at their time."""
 from __future__ import annotations
 
 import pytest
+from _build import patches_the_core
 from _harness import B_ADDR, App, echo_round_trip, make_pair
 
 from overlay_httpx import Address, Identity
@@ -46,6 +47,7 @@ def _echoed(app: App) -> bool:
     return any(st.eof and st.received == b"hello" for st in app.streams.values())
 
 
+@patches_the_core
 def test_a_flush_asks_only_the_tunnel_that_received_a_datagram(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from _build import patches_the_core
 from _harness import (
     A_ADDR,
     B_ADDR,
@@ -523,6 +524,7 @@ def test_the_confirming_ping_is_resent_when_lost() -> None:
     assert tunnel.is_established
 
 
+@patches_the_core
 def test_the_confirming_ping_goes_out_through_a_full_congestion_window(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
