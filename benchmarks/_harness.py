@@ -124,7 +124,21 @@ def machine(packages: tuple[str, ...]) -> dict[str, Any]:
         "python": platform.python_version(),
         "loadavg": os.getloadavg(),
         "versions": versions,
+        "tunnel_core": tunnel_core(),
     }
+
+
+def tunnel_core() -> str:
+    """Which build of overlay_httpx's tunnel core this process imports, and from where.
+
+    The wheel compiles it with mypyc (tools/build_compiled.sh makes one to
+    measure); the editable development install is pure Python.
+    """
+    import overlay_httpx
+    from overlay_httpx._protocol import COMPILED
+
+    build = "compiled" if COMPILED else "pure Python"
+    return f"{build} ({Path(overlay_httpx.__file__).parent})"
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -249,6 +263,7 @@ def _serve_overlay(ref: str) -> None:
             await tg.start(functools.partial(serve, app, node))
             info = {"address": str(node.address), "identity": str(node.public)}
             info["endpoint"] = "{}:{}".format(*node.endpoint)
+            info["tunnel_core"] = tunnel_core()
             print(json.dumps(info), flush=True)
             await anyio.sleep_forever()
 

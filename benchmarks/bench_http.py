@@ -406,7 +406,16 @@ def main() -> None:
         )
         with Children() as children:
             servers = Servers(children)
-            print("servers up; measuring", file=sys.stderr, flush=True)
+            if servers.overlay["tunnel_core"] != machine["tunnel_core"]:
+                raise RuntimeError(
+                    f"the overlay server runs the {servers.overlay['tunnel_core']} tunnel "
+                    f"core, this client the {machine['tunnel_core']}: measure one build"
+                )
+            print(
+                f"servers up; measuring. overlay_httpx tunnel core: {machine['tunnel_core']}",
+                file=sys.stderr,
+                flush=True,
+            )
             measured = anyio.run(run, args, servers)
         machine["loadavg_after"] = os.getloadavg()
         settings = {k: getattr(args, k) for k in ("rounds", "requests", "warmup", "chunk")}
