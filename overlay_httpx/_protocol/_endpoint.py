@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import struct
 from collections import Counter, deque
@@ -66,6 +67,10 @@ RelayForwarder = Callable[[bytes, tuple[str, int], float], "tuple[bytes, tuple[s
 """A relay server's hook: given a RELAY datagram and its source, what to send where (or None)."""
 
 _ONE_SECOND_NS: Final = 1_000_000_000
+#: internal errors logged with their traceback, per endpoint; later ones are only counted
+_LOGGED_INTERNAL_ERRORS: Final = 10
+
+logger = logging.getLogger("overlay_httpx")
 _MAX_REMEMBERED: Final = 16_384  # initiation timestamps of keys without a tunnel
 
 
@@ -229,6 +234,13 @@ class Endpoint:
             self._dispatch(bytes(data), addr, now)
         except Exception:  # a bug must not let a datagram crash the node
             self._drops["internal_error"] += 1
+            if self._drops["internal_error"] <= _LOGGED_INTERNAL_ERRORS:
+                # a bug of ours, not bad input (that is counted under its own reason):
+                # dropped silently, it would look like a stalled transfer
+                logger.exception(
+                    "tunnel core: internal error on a datagram from %s:%d; dropped it",
+                    *addr,
+                )
 
     def _dispatch(self, data: bytes, addr: tuple[str, int], now: float) -> None:
         if not data:

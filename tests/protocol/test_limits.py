@@ -7,6 +7,10 @@ overwritten, so what reaches us is exactly what a modified peer would send.
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+from _build import patches_the_core
 from _harness import B_ADDR, App, echo_round_trip, established, make_pair, payload
 
 from overlay_httpx import Address, Identity
@@ -95,3 +99,26 @@ def test_a_peer_sending_past_its_flow_control_credit_loses_its_tunnel_and_only_i
     assert "past the advertised limit" in _closed_by(c, b.endpoint.public.x25519).reason
     assert not polite.is_closed  # the polite one is untouched
     assert polite.stream_ids() == [sid]
+
+
+@patches_the_core
+def test_an_internal_error_drops_the_datagram_and_is_logged_with_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug of ours on one datagram must neither crash the node nor pass unseen (a
+    silently dropped datagram looks like a stalled transfer); the log is bounded."""
+
+    def broken(self: Endpoint, data: bytes, addr: tuple[str, int], now: float) -> None:
+        raise NameError("a bug")
+
+    endpoint = Endpoint(Identity.generate(), Address(1, 2))
+    monkeypatch.setattr(Endpoint, "_dispatch", broken)
+    with caplog.at_level(logging.ERROR, logger="overlay_httpx"):
+        for _ in range(25):
+            endpoint.receive_datagram(b"\x04" * 40, ("10.0.0.1", 4000), 1.0)
+    assert endpoint.statistics().drops["internal_error"] == 25
+    assert len(caplog.records) == 10
+    record = caplog.records[0]
+    assert "internal error on a datagram from 10.0.0.1:4000" in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], NameError)
