@@ -365,8 +365,10 @@ def plot(out: dict[str, Any], path: str) -> None:
     thr2.set_ylim(0, max(mbps) * 1.15)
     thr.set_xticks(list(slots), list(ROWS))
     thr.set_title("Throughput (higher is better)")
+    core = out.get("machine", {}).get("tunnel_core", "").split(" (")[0]
+    core = f", {core} tunnel core" if core else ""
     fig.suptitle(
-        f"Same FastAPI app, four HTTP paths, {out.get('date', '').replace('T', ' ')} "
+        f"Same FastAPI app, four HTTP paths, {out.get('date', '').replace('T', ' ')}{core} "
         "(shared 2-core machine: compare ratios)",
         fontsize=11,
     )
