@@ -67,11 +67,11 @@ RelayForwarder = Callable[[bytes, tuple[str, int], float], "tuple[bytes, tuple[s
 """A relay server's hook: given a RELAY datagram and its source, what to send where (or None)."""
 
 _ONE_SECOND_NS: Final = 1_000_000_000
+_MAX_REMEMBERED: Final = 16_384  # initiation timestamps of keys without a tunnel
 #: internal errors logged with their traceback, per endpoint; later ones are only counted
 _LOGGED_INTERNAL_ERRORS: Final = 10
 
 logger = logging.getLogger("overlay_httpx")
-_MAX_REMEMBERED: Final = 16_384  # initiation timestamps of keys without a tunnel
 
 
 class Endpoint:
