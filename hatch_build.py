@@ -9,7 +9,7 @@ extension modules, so a wheel built without a compiler is simply pure Python.
   compiled: an extension module would shadow the source being edited.
 * ``OVERLAY_HTTPX_PURE=1`` builds a pure-Python wheel on purpose.
 * When compilation fails (no C compiler, no Python headers) the wheel is built
-  pure and a warning says why, unless ``OVERLAY_HTTPX_COMPILE=require``, which
+  pure and a warning says why (pip shows it with ``-v``), unless ``OVERLAY_HTTPX_COMPILE=require``, which
   makes the failure fatal (CI uses it, so a broken compile cannot pass unseen).
 """
 
@@ -26,6 +26,10 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 #: the package compiled; everything else (asyncio/trio code, the CLI) stays Python
 COMPILED_PACKAGE = "overlay_httpx/_protocol"
+#: modules of it that stay Python: the snapshot and settings dataclasses users hold
+#: (`TunnelStatistics`, `EndpointStatistics`, `TunnelConfig`), which must pickle,
+#: copy and accept what a pure dataclass accepts; mypyc's frozen classes do not
+NOT_COMPILED = frozenset({"_config.py", "_stats.py"})
 
 
 class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
@@ -40,7 +44,8 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             return
         try:
             built = self._compile()
-        except Exception as exc:  # any compiler or mypyc failure: fall back to pure Python
+        except (Exception, SystemExit) as exc:  # mypyc exits on a type error: fall back too
+            self._clean()
             if os.environ.get("OVERLAY_HTTPX_COMPILE") == "require":
                 raise
             self.app.display_warning(
@@ -59,13 +64,21 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         from setuptools import Distribution
 
         root = Path(self.root)
-        sources = sorted(str(p.relative_to(root)) for p in (root / COMPILED_PACKAGE).glob("*.py"))
+        sources = sorted(
+            p.relative_to(root).as_posix()
+            for p in (root / COMPILED_PACKAGE).glob("*.py")
+            if p.name not in NOT_COMPILED
+        )
         work = self._work = Path(tempfile.mkdtemp(prefix="overlay_httpx_mypyc_"))
         cwd = os.getcwd()
         os.chdir(root)  # mypycify names modules by their path relative to the project
         try:
+            # The type check sees the runtime dependencies (the hook requires them, see
+            # pyproject.toml), reports only on the modules compiled (the others may use
+            # development-only packages such as trio) and keeps its cache out of the tree.
+            options = ["--strict", "--follow-imports=silent", "--cache-dir", str(work / "mypy")]
             extensions = mypycify(
-                [*sources, "--strict"], opt_level="3", multi_file=True, target_dir=str(work / "c")
+                [*sources, *options], opt_level="3", multi_file=True, target_dir=str(work / "c")
             )
             dist = Distribution({"name": "overlay_httpx", "ext_modules": extensions})
             command = dist.get_command_obj("build_ext")
@@ -77,13 +90,18 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         finally:
             os.chdir(cwd)
         lib = work / "lib"
-        built = {str(path): str(path.relative_to(lib)) for path in lib.rglob("*") if path.is_file()}
+        built = {
+            str(path): path.relative_to(lib).as_posix() for path in lib.rglob("*") if path.is_file()
+        }
         if not any(name.startswith(COMPILED_PACKAGE) for name in built.values()):
             raise RuntimeError("mypyc produced no extension module")
         print(f"overlay_httpx: compiled {len(built)} modules with mypyc", file=sys.stderr)
         return built
 
     def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
-        if self._work is not None:  # the wheel holds copies of the extensions by now
+        self._clean()  # the wheel holds copies of the extensions by now
+
+    def _clean(self) -> None:
+        if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
