@@ -329,7 +329,7 @@ class OverlayStream(ByteStream):
             f"id={self._stream_id}{' closed' if self._closed else ''}>"
         )
 
-    def try_send(self, data: bytes) -> bool:
+    def try_send(self, data: bytes | bytearray | memoryview) -> bool:
         """Send all of `data` now if the send buffer has room for it, else nothing.
 
         For writers of many small messages (the HTTP/2 server): nothing can
@@ -346,7 +346,8 @@ class OverlayStream(ByteStream):
             or self._tunnel.send_buffer_available(self._stream_id) < len(data)
         ):
             return False
-        self._push(data)
+        # bytes as they are; anything else copied (the compiled core takes bytes only)
+        self._push(data if type(data) is bytes else bytes(data))
         return True
 
     def _push(self, data: bytes) -> None:

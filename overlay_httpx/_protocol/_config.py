@@ -53,6 +53,7 @@ class TunnelConfig:
     handshake_source_burst: float = 10.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.congestion_control not in CONGESTION_CONTROLLERS:
             raise ValueError(
                 f"congestion_control={self.congestion_control!r}: expected one of "
@@ -73,3 +74,23 @@ class TunnelConfig:
             raise ValueError(
                 f"keepalive={self.keepalive} must be shorter than idle_timeout={self.idle_timeout}"
             )
+
+    def _check_types(self) -> None:
+        """Every field of the type it declares (an int is a fine float): the tunnel core
+        is compiled (see hatch_build.py) and would refuse a wrong type later, and less
+        clearly, than this."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            if kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name}={value!r}: expected True or False")
+            elif kind == "int":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{f.name}={value!r}: expected a whole number")
+            elif kind in ("float", "float | None"):
+                if value is None and kind == "float | None":
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{f.name}={value!r}: expected a number")
+                object.__setattr__(self, f.name, float(value))

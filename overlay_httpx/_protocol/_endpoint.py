@@ -227,7 +227,9 @@ class Endpoint:
 
     # -- datagrams ---------------------------------------------------------------------------
 
-    def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> None:
+    def receive_datagram(
+        self, data: bytes | bytearray | memoryview, addr: tuple[str, int], now: float
+    ) -> None:
         """Feed one datagram from `addr`. Never raises; bad input is counted and dropped."""
         self._received += 1
         try:

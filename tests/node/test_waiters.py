@@ -92,3 +92,17 @@ async def test_try_send_declines_while_a_send_waits_for_room() -> None:
             assert not stream.try_send(b"small")  # would cut into the send under way
             tg.cancel_scope.cancel()
         assert not stream._sending  # the cancelled send is over
+
+
+async def test_try_send_takes_any_bytes_like_object() -> None:
+    """bytearray and memoryview too, on both builds of the core (the compiled one takes
+    only bytes, so the stream converts)."""
+    async with node_pair() as (a, b):
+        listener = await b.listen(7)
+        stream = await a.connect(b.address, 7)
+        assert stream.try_send(bytearray(b"one "))
+        assert stream.try_send(memoryview(b"two "))
+        assert stream.try_send(b"three")
+        await stream.send_eof()
+        peer = await listener.accept()
+        assert await receive_all(peer) == b"one two three"
