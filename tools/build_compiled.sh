@@ -3,8 +3,10 @@
 # and unpack it into build/compiled, to run the tests or the benchmarks against it:
 #
 #   tools/build_compiled.sh
-#   PYTHONPATH=build/compiled .venv/bin/pytest                      # not `python -m pytest`:
-#   PYTHONPATH=build/compiled .venv/bin/python benchmarks/bench_http.py  # -m puts ./ first
+#   PYTHONPATH=$PWD/build/compiled .venv/bin/pytest     # absolute: children run elsewhere
+#   PYTHONPATH=$PWD/build/compiled .venv/bin/python benchmarks/bench_http.py
+#
+# (not `python -m pytest`: -m puts ./, the source tree's pure core, first)
 #
 # The editable install in .venv stays pure Python, so edits take effect at once.
 set -euo pipefail

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from _build import child_env
 
 from examples.pipeline import image, llm, orchestrator, stt
 from overlay_httpx import Identity, Node, OverlayTransport, Rendezvous, serve
@@ -141,7 +142,9 @@ async def test_llm_streams_its_first_token_before_the_generator_finishes() -> No
 
 def test_one_command_demo_runs_and_prints_the_breakdown() -> None:
     command = [sys.executable, "-m", "examples.pipeline", "--requests", "3", "--compute-ms", "5"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60
+    )
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     expected = [
@@ -172,7 +175,12 @@ def test_ctrl_c_stops_every_process_and_exits_130() -> None:
         "5",
     ]
     runner = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     watchdog = threading.Timer(60, runner.kill)
     watchdog.start()

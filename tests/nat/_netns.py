@@ -52,6 +52,7 @@ from types import FrameType
 from typing import Any, ClassVar
 
 import pytest
+from _build import child_env
 
 NatMode = str | None
 NAT_MODES: tuple[NatMode, ...] = ("preserve", "random", None)
@@ -278,17 +279,9 @@ def _close_output(popen: subprocess.Popen[str]) -> None:
 
 
 def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for Python children: the repo importable, unbuffered output."""
-    env = dict(os.environ)
-    paths = [str(REPO_ROOT)]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("PYTHONSAFEPATH", None)
-    if extra:
-        env.update(extra)
-    return env
+    """The environment for Python children: the build under test, then the repo (see
+    `_build.child_env`), unbuffered output."""
+    return child_env(extra)
 
 
 # -- the topology ---------------------------------------------------------------------------------
