@@ -9,8 +9,9 @@ extension modules, so a wheel built without a compiler is simply pure Python.
   compiled: an extension module would shadow the source being edited.
 * ``OVERLAY_HTTPX_PURE=1`` builds a pure-Python wheel on purpose.
 * When compilation fails (no C compiler, no Python headers) the wheel is built
-  pure and a warning says why (pip shows it with ``-v``), unless ``OVERLAY_HTTPX_COMPILE=require``, which
-  makes the failure fatal (CI uses it, so a broken compile cannot pass unseen).
+  pure and a warning says why (pip shows it with ``-v``), unless
+  ``OVERLAY_HTTPX_COMPILE=require``, which makes the failure fatal (CI uses it,
+  so a broken compile cannot pass unseen).
 """
 
 from __future__ import annotations
