@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
@@ -139,7 +140,7 @@ class PeerBook:
         if trust is None:
             return True
         if not isinstance(trust, TrustPolicy):
-            return trust(identity, address)
+            return _verdict(trust(identity, address), address)
         if trust.admits_key(identity):
             return True
         if status == "proven" and trust.admits_address(address):
@@ -267,3 +268,22 @@ def make_client(
     return RendezvousClient(
         node, spec, tags=check_tags(tags), hostname=name, direct_timeout=direct_timeout
     )
+
+
+def _verdict(value: object, address: Address) -> bool | None:
+    """A trust callback's answer as the tunnel core takes it: True, False or None (not
+    yet). Any other truthy or falsy value counts as such; an awaitable cannot be
+    waited for inside a handshake, so it refuses, with an error in the log."""
+    if value is None or isinstance(value, bool):
+        return value
+    if inspect.isawaitable(value):
+        close = getattr(value, "close", None)
+        if callable(close):
+            close()  # a coroutine never awaited would warn at garbage collection
+        logger.error(
+            "refused handshake from %s: the trust callback returned an awaitable; it must "
+            "answer at once with True, False or None",
+            address,
+        )
+        return False
+    return bool(value)

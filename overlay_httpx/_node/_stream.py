@@ -10,6 +10,7 @@ only wait for the tunnel's events and translate its errors.
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -22,6 +23,7 @@ from .._address import Address
 from .._exceptions import TunnelError
 from .._identity import PublicIdentity
 from .._protocol._events import ERROR_APPLICATION, ERROR_NO_ERROR
+from .._protocol._frames import MAX_VARINT
 from ._udp import current_backend
 
 if TYPE_CHECKING:
@@ -184,6 +186,7 @@ class OverlayStream(ByteStream):
     # -- ByteStream ---------------------------------------------------------------------------
 
     async def receive(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+        max_bytes = _whole(max_bytes, "max_bytes")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         with self._receive_guard:
@@ -281,6 +284,9 @@ class OverlayStream(ByteStream):
 
     def reset(self, error_code: int = ERROR_APPLICATION) -> None:
         """Abort both directions now: unsent data is dropped and the peer sees a reset."""
+        error_code = _whole(error_code, "error_code")
+        if not 0 <= error_code <= MAX_VARINT:
+            raise ValueError(f"error_code={error_code}: expected 0..2**62-1")
         if self._closed:
             return
         tunnel, sid = self._tunnel, self._stream_id
@@ -338,16 +344,14 @@ class OverlayStream(ByteStream):
         is under way, or `data` does not fit; the caller then uses `send`, which
         raises or waits as it should.
         """
-        if (
-            self._closed
-            or self._send_error is not None
-            or self._eof_sent
-            or self._sending
-            or self._tunnel.send_buffer_available(self._stream_id) < len(data)
-        ):
+        if self._closed or self._send_error is not None or self._eof_sent or self._sending:
             return False
         # bytes as they are; anything else copied (the compiled core takes bytes only)
-        self._push(data if type(data) is bytes else bytes(data))
+        if type(data) is not bytes:
+            data = memoryview(data).tobytes()
+        if self._tunnel.send_buffer_available(self._stream_id) < len(data):
+            return False
+        self._push(data)
         return True
 
     def _push(self, data: bytes) -> None:
@@ -440,3 +444,13 @@ class OverlayListener(Listener[OverlayStream]):
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
         return f"<OverlayListener {self._node.address}:{self._port}{state}>"
+
+
+def _whole(value: int, name: str) -> int:
+    """`value` as an int (anything with ``__index__``, e.g. a numpy integer; not a float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: expected a whole number")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}={value!r}: expected a whole number") from None

@@ -11,6 +11,7 @@ __all__ = ["COMPILED"]
 COMPILED: Final[bool] = not __file__.endswith(".py")
 """Whether this package is the mypyc-compiled build of itself (see hatch_build.py).
 
-Compiled and pure-Python builds behave alike; the compiled one runs the
-per-packet path about 2.5 times faster (benchmarks/bench_core.py).
+The two builds are meant to behave alike (tests/protocol/test_builds.py checks
+where values cross into the core); the compiled one runs the per-packet path
+about 2.5 times faster (benchmarks/bench_core.py).
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, fields
 from typing import Final
 
@@ -76,9 +78,9 @@ class TunnelConfig:
             )
 
     def _check_types(self) -> None:
-        """Every field of the type it declares (an int is a fine float): the tunnel core
-        is compiled (see hatch_build.py) and would refuse a wrong type later, and less
-        clearly, than this."""
+        """Every field of the type it declares, finite, and an integer small enough for
+        the wire (an int is a fine float): the tunnel core is compiled (see
+        hatch_build.py) and would refuse a wrong type later, and less clearly."""
         for f in fields(self):
             value = getattr(self, f.name)
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
@@ -86,11 +88,35 @@ class TunnelConfig:
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name}={value!r}: expected True or False")
             elif kind == "int":
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"{f.name}={value!r}: expected a whole number")
+                whole = None if isinstance(value, (bool, float)) else _index(value)
+                if whole is None or whole > _MAX_WIRE_INT:
+                    raise ValueError(f"{f.name}={value!r}: expected a whole number below 2**62")
+                object.__setattr__(self, f.name, whole)
             elif kind in ("float", "float | None"):
                 if value is None and kind == "float | None":
                     continue
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"{f.name}={value!r}: expected a number")
-                object.__setattr__(self, f.name, float(value))
+                number = None if isinstance(value, bool) else _finite(value)
+                if number is None:
+                    raise ValueError(f"{f.name}={value!r}: expected a finite number")
+                object.__setattr__(self, f.name, number)
+            elif kind != "CongestionControl":  # checked against its names by the caller
+                raise TypeError(f"TunnelConfig.{f.name}: no check for a field of type {kind}")
+
+
+#: the largest value a QUIC-style varint carries (every integer setting may go on the wire)
+_MAX_WIRE_INT: Final = (1 << 62) - 1
+
+
+def _index(value: object) -> int | None:
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _finite(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) and not isinstance(value, str) else None

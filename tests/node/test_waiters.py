@@ -9,6 +9,7 @@ import anyio
 import pytest
 from _nodes import node_pair, payload, receive_all
 
+from overlay_httpx import TrustRefused
 from overlay_httpx._node._stream import FutureWaiter, waiter_factory
 
 pytestmark = pytest.mark.anyio
@@ -106,3 +107,49 @@ async def test_try_send_takes_any_bytes_like_object() -> None:
         await stream.send_eof()
         peer = await listener.accept()
         assert await receive_all(peer) == b"one two three"
+
+
+class _Index:
+    """An integer-like that is not an int (numpy integers are such)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+async def test_receive_and_reset_take_integer_likes_and_refuse_the_rest() -> None:
+    async with node_pair() as (a, b):
+        listener = await b.listen(7)
+        stream = await a.connect(b.address, 7)
+        await stream.send(b"abc")
+        peer = await listener.accept()
+        with pytest.raises(TypeError, match=r"^max_bytes=1024\.0: expected a whole number$"):
+            await peer.receive(1024.0)  # type: ignore[arg-type]
+        assert await peer.receive(_Index(2)) == b"ab"  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"^error_code=4611686018427387904: expected 0"):
+            stream.reset(2**62)
+        with pytest.raises(TypeError, match=r"^error_code=True: expected a whole number$"):
+            stream.reset(True)
+        stream.reset(_Index(3))  # type: ignore[arg-type]
+        with pytest.raises(anyio.ClosedResourceError):
+            await stream.send(b"after the reset")
+
+
+@pytest.mark.parametrize(
+    ("answer", "admitted"), [(1, True), ("yes", True), (0, False), ([], False)]
+)
+async def test_a_trust_callback_may_answer_with_any_truthy_or_falsy_value(
+    answer: object, admitted: bool
+) -> None:
+    """The core takes True, False or None; the node turns other answers into those, on
+    both builds (the compiled core would refuse an int as a bool)."""
+    async with node_pair(trust=lambda identity, address: answer) as (a, b):
+        await b.listen(7)
+        if admitted:
+            stream = await a.connect(b.address, 7)
+            await stream.aclose()
+        else:
+            with pytest.raises(TrustRefused):
+                await a.connect(b.address, 7)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from _build import COMPILED, ROOT, child_env
+from _build import COMPILED, child_env
 from _harness import B_ADDR, echo_round_trip, make_pair
 
 from overlay_httpx import Identity, LocalProtocolError, Node
@@ -47,19 +49,35 @@ def test_an_int_is_a_fine_number_of_seconds() -> None:
     ("kwargs", "message"),
     [
         ({"persistent_keepalive": 1}, "persistent_keepalive=1: expected True or False"),
-        ({"max_tunnels": 100.0}, "max_tunnels=100.0: expected a whole number"),
-        ({"max_tunnels": True}, "max_tunnels=True: expected a whole number"),
-        ({"idle_timeout": "120"}, "idle_timeout='120': expected a number"),
-        ({"keepalive": False}, "keepalive=False: expected a number"),
+        ({"max_tunnels": 100.0}, "max_tunnels=100.0: expected a whole number below 2**62"),
+        ({"max_tunnels": True}, "max_tunnels=True: expected a whole number below 2**62"),
+        (
+            {"max_tunnels": 2**62},
+            "max_tunnels=4611686018427387904: expected a whole number below 2**62",
+        ),
+        ({"idle_timeout": "120"}, "idle_timeout='120': expected a finite number"),
+        ({"idle_timeout": float("inf")}, "idle_timeout=inf: expected a finite number"),
+        ({"idle_timeout": float("nan")}, "idle_timeout=nan: expected a finite number"),
+        ({"keepalive": False}, "keepalive=False: expected a finite number"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_one_clear_error(
     kwargs: dict[str, object], message: str
 ) -> None:
-    with pytest.raises(ValueError, match=f"^{message}$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         TunnelConfig(**kwargs)  # type: ignore[arg-type]
-    with pytest.raises(LocalProtocolError, match=f"^{message}$"):
+    with pytest.raises(LocalProtocolError, match=f"^{re.escape(message)}$"):
         Node(Identity.generate(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_an_integer_like_is_a_whole_number() -> None:
+    class Index:
+        def __index__(self) -> int:
+            return 64
+
+    config = TunnelConfig(max_streams=Index())  # type: ignore[arg-type]
+    assert config.max_streams == 64
+    assert type(config.max_streams) is int
 
 
 @pytest.mark.parametrize("kind", [bytearray, memoryview])
@@ -77,16 +95,18 @@ def test_a_datagram_need_not_be_bytes(kind: type) -> None:
     assert not tunnel.is_closed
 
 
-def test_children_started_from_the_repository_run_the_build_under_test() -> None:
+def test_children_started_from_the_repository_run_the_build_under_test(tmp_path: Path) -> None:
     """`child_env` keeps a compiled build on PYTHONPATH ahead of the source tree for
-    `python -m` children started in the repository (the pipeline demo, NAT nodes)."""
+    children that import the repository's modules (the pipeline demo, NAT nodes).
+    Run from elsewhere: Python 3.10 has no PYTHONSAFEPATH, and there a child started
+    in the repository still finds its source tree first."""
     code = "from overlay_httpx._protocol import COMPILED; print(COMPILED)"
     for argv in (
         [sys.executable, "-c", code],
         [sys.executable, "-m", "overlay_httpx", "--version"],
     ):
         done = subprocess.run(
-            argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60
+            argv, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 0, done.stderr
         out = done.stdout.strip()
