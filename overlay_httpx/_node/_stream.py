@@ -10,7 +10,6 @@ only wait for the tunnel's events and translate its errors.
 from __future__ import annotations
 
 import asyncio
-import operator
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -22,6 +21,7 @@ from anyio.abc import ByteStream, Listener, TaskGroup
 from .._address import Address
 from .._exceptions import TunnelError
 from .._identity import PublicIdentity
+from .._protocol._config import whole_number
 from .._protocol._events import ERROR_APPLICATION, ERROR_NO_ERROR
 from .._protocol._frames import MAX_VARINT
 from ._udp import current_backend
@@ -447,10 +447,8 @@ class OverlayListener(Listener[OverlayStream]):
 
 
 def _whole(value: int, name: str) -> int:
-    """`value` as an int (anything with ``__index__``, e.g. a numpy integer; not a float)."""
-    if isinstance(value, bool):
+    """`value` as an int (see `whole_number`); TypeError naming `name` otherwise."""
+    whole = whole_number(value)
+    if whole is None:
         raise TypeError(f"{name}={value!r}: expected a whole number")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}={value!r}: expected a whole number") from None
+    return whole

@@ -9,7 +9,7 @@ from typing import Final
 
 from ._congestion import CONGESTION_CONTROLLERS, CongestionControl
 
-__all__ = ["MIN_DATAGRAM_SIZE", "TunnelConfig"]
+__all__ = ["MIN_DATAGRAM_SIZE", "TunnelConfig", "whole_number"]
 
 MIN_DATAGRAM_SIZE: Final = 1200
 MAX_DATAGRAM_SIZE: Final = 65_000
@@ -88,7 +88,7 @@ class TunnelConfig:
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name}={value!r}: expected True or False")
             elif kind == "int":
-                whole = None if isinstance(value, (bool, float)) else _index(value)
+                whole = whole_number(value)
                 if whole is None or whole > _MAX_WIRE_INT:
                     raise ValueError(f"{f.name}={value!r}: expected a whole number below 2**62")
                 object.__setattr__(self, f.name, whole)
@@ -107,7 +107,11 @@ class TunnelConfig:
 _MAX_WIRE_INT: Final = (1 << 62) - 1
 
 
-def _index(value: object) -> int | None:
+def whole_number(value: object) -> int | None:
+    """`value` as an int if it is an integer (``__index__``: an int, a numpy integer),
+    not a bool and not a float; else None."""
+    if isinstance(value, bool):
+        return None
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
