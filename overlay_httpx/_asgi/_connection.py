@@ -59,7 +59,7 @@ from ._scope import BadRequest, ConnectionInfo, ScopeBuilder
 from ._tasks import RequestTasks
 from ._types import ASGIApp
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "prepare_h2"]
 
 logger = logging.getLogger("overlay_httpx")
 
@@ -107,6 +107,7 @@ class _ServerSettings(Settings):
 
 
 def _new_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connection:
+    """A server connection's h2 state, our preface SETTINGS and window already queued."""
     h2 = H2Connection(config=_H2_CONFIG)
     settings = _ServerSettings(
         client=False,
@@ -122,7 +123,32 @@ def _new_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connect
     # Over the advertised size (up to twice) a request gets 431 from `build_scope`;
     # beyond that the HPACK decoder stops decoding, which can only end the connection.
     h2.decoder.max_header_list_size = 2 * max_header_list_size
+    h2.initiate_connection()
+    h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
     return h2
+
+
+# Each connection's h2 state made ahead of time, by its limits (`prepare_h2`): it
+# depends on nothing about the peer, so one spare per set of limits serves the process.
+_spares: dict[tuple[int, int], H2Connection] = {}
+
+
+def _take_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connection:
+    spare = _spares.pop((max_concurrent_streams, max_header_list_size), None)
+    return spare if spare is not None else _new_h2(max_concurrent_streams, max_header_list_size)
+
+
+def prepare_h2(max_concurrent_streams: int, max_header_list_size: int) -> None:
+    """Make the next new connection's h2 state now, off that connection's critical path.
+
+    Building it (h2's connection object, settings, HPACK coders, preface) costs
+    about as much as serving a request; the server calls this when it starts and
+    after each response is written, so a new client's first request finds it
+    ready. Each state still serves exactly one connection.
+    """
+    key = (max_concurrent_streams, max_header_list_size)
+    if key not in _spares:
+        _spares[key] = _new_h2(max_concurrent_streams, max_header_list_size)
 
 
 class Connection:
@@ -141,7 +167,7 @@ class Connection:
         self._app = app
         self._info = info
         self._max_streams = max_concurrent_streams
-        self.h2 = _new_h2(max_concurrent_streams, info.max_header_list_size)
+        self.h2 = _take_h2(max_concurrent_streams, info.max_header_list_size)
         self._scopes = ScopeBuilder(info)  # remembers the header lists it parsed
         self.response_heads = ResponseHeads()  # remembers the response heads it checked
         self.requests: dict[int, Request] = {}
@@ -168,14 +194,11 @@ class Connection:
 
     async def run(self) -> None:
         """Serve until the peer leaves, the connection breaks or shutdown ends it; then close."""
-        h2 = self.h2
         tasks: RequestTasks | None = None
         try:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
                 tasks = self._request_tasks = RequestTasks(task_group)
-                h2.initiate_connection()
-                h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
                 reaper = anyio.CancelScope()
                 if self._idle_timeout is not None:
                     self._last_active = anyio.current_time()
@@ -448,6 +471,9 @@ class Connection:
             if self._draining and not self.requests:
                 self._stop_reading()
         await self.flush()
+        # The response is on the wire: make the next connection's h2 state (a no-op
+        # when it is there already) while the client reads it.
+        prepare_h2(self._max_streams, self._info.max_header_list_size)
 
     # -- writing -----------------------------------------------------------------------------
 

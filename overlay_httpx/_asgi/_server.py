@@ -17,7 +17,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .._exceptions import LocalProtocolError
 from .._node import Node, OverlayAttribute, OverlayListener, OverlayStream
-from ._connection import Connection
+from ._connection import Connection, prepare_h2
 from ._lifespan import Lifespan, LifespanFailed
 from ._scope import ConnectionInfo
 from ._types import ASGIApp, LifespanMode
@@ -195,6 +195,7 @@ class OverlayServer:
                             self._error = exc
                     self._startup_scope = None
                     if self._error is None and not self._stop_requested:
+                        prepare_h2(self._max_streams, self._max_header_list_size)
                         self._state = "serving"
                         ready.set()
                         await self._accept(listener, task_group)
