@@ -21,7 +21,7 @@ import anyio
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
-from ._scope import CONNECTION_HEADERS, field_name_ok, field_value_ok
+from .._fields import CONNECTION_HEADERS, field_name_ok, field_value_ok
 from ._types import Message, Scope
 
 if TYPE_CHECKING:

@@ -18,39 +18,21 @@ from typing import Any, Final, NamedTuple
 from urllib.parse import unquote
 
 from .._address import Address
+from .._fields import BAD_FIELD_VALUE, CONNECTION_HEADERS, FIELD_NAME
 from .._identity import PublicIdentity
 from ._types import Scope
 
 __all__ = [
-    "CONNECTION_HEADERS",
     "BadRequest",
     "ConnectionInfo",
     "ScopeBuilder",
     "build_scope",
-    "field_name_ok",
-    "field_value_ok",
 ]
 
-#: hop-by-hop fields that HTTP/2 forbids (RFC 9113 section 8.2.2)
-CONNECTION_HEADERS: Final = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # a token, lowercase as h2 requires
 _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*")
 _TARGET: Final = re.compile(rb"/[\x21-\x7e]*|\*")  # origin-form, or "*" (visible ASCII only)
-_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _ENTRY_OVERHEAD: Final = 32  # RFC 9113 section 6.5.2: each field costs name + value + 32
-
-
-def field_name_ok(name: bytes) -> bool:
-    """A lowercase token: what HTTP/2 allows as a (non-pseudo) field name."""
-    return _NAME.fullmatch(name) is not None
-
-
-def field_value_ok(value: bytes) -> bool:
-    """No NUL, CR or LF, and no whitespace at either end (RFC 9113 section 8.2.1)."""
-    return not value or _BAD_VALUE.search(value) is None
 
 
 class BadRequest(Exception):
@@ -149,7 +131,7 @@ def _parse(headers: Iterable[tuple[bytes, bytes]], info: ConnectionInfo) -> _Par
     regular = False
     for name, value in headers:
         size += len(name) + len(value) + _ENTRY_OVERHEAD
-        if value and _BAD_VALUE.search(value) is not None:
+        if value and BAD_FIELD_VALUE.search(value) is not None:
             raise BadRequest(400, f"invalid characters in the value of {name!r}")
         if name[:1] == b":":
             if regular:
@@ -166,7 +148,7 @@ def _parse(headers: Iterable[tuple[bytes, bytes]], info: ConnectionInfo) -> _Par
                 raise BadRequest(400, f"unexpected or repeated pseudo-header {name!r}")
             continue
         regular = True
-        if _NAME.fullmatch(name) is None:
+        if FIELD_NAME.fullmatch(name) is None:
             raise BadRequest(400, f"invalid header name {name!r}")
         if name in CONNECTION_HEADERS:
             raise BadRequest(400, f"connection-specific header {name!r} in an HTTP/2 request")

@@ -11,7 +11,9 @@ it at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -24,16 +26,18 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import SettingsFrame
 
 from .. import _h2compat  # also gives DATA frames a cheap repr on import
 from .._address import Address
 from .._exceptions import PeerRestarted
+from .._fields import CONNECTION_HEADERS, field_name_ok, field_value_ok
 from .._identity import PublicIdentity
 from .._node import OverlayAttribute, OverlayStream
-from ._errors import ServerResetStream
+from ._errors import InvalidRequestHeader, MalformedResponse, ServerResetStream
 
-__all__ = ["ConnectionLost", "H2ClientConnection", "Refused", "ResponseHead"]
+__all__ = ["ConnectionLost", "H2ClientConnection", "Refused", "ResponseHead", "prepare_connection"]
 
 logger = logging.getLogger("overlay_httpx")
 
@@ -46,6 +50,65 @@ _HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
 )
 _SETTINGS_ACK: Final = SettingsFrame(0, flags=["ACK"]).serialize()
+
+
+# h2 neither checks nor rewrites header blocks: `_request_fields` and `_head` do, per
+# field in C (see `_fields`), and a malformed response fails its own request only.
+_CONFIG: Final = h2.config.H2Configuration(
+    client_side=True,
+    header_encoding=None,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+#: fields HPACK must never index, as h2 marks them when it normalises (RFC 7541 section 7.1.3)
+_SECRET: Final = frozenset({b"authorization", b"proxy-authorization"})
+_STATUS: Final = re.compile(rb"[0-9]{3}")
+
+
+def _new_h2() -> h2.connection.H2Connection:
+    """A client connection's h2 state, with its preface and SETTINGS queued: they
+    leave with the first request, in one datagram."""
+    conn = h2.connection.H2Connection(config=_CONFIG)
+    settings = h2.settings.Settings(
+        client=True,
+        initial_values={
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 << 10,
+        },
+    )
+    _h2compat.use_local_settings(conn, settings, _MAX_FRAME)
+    _h2compat.cache_hpack(conn)
+    conn.initiate_connection()
+    conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+    return conn
+
+
+# The next new connection's h2 state, made ahead of time (`prepare_connection`).
+# It depends on nothing about the peer, so one spare serves the whole process.
+_spare: list[h2.connection.H2Connection] = []
+
+
+def _take_h2() -> h2.connection.H2Connection:
+    try:
+        return _spare.pop()
+    except IndexError:  # none made yet, or another connection took it
+        return _new_h2()
+
+
+def prepare_connection() -> None:
+    """Make the next new connection's h2 state now, off that connection's critical path.
+
+    Building it (h2's connection object, settings, HPACK coders, preface) costs
+    about as much as a request; a transport calls this when it is created and
+    after each request is on the wire, so a first request to a new peer finds
+    it ready. Each state still serves exactly one connection.
+    """
+    if not _spare:
+        _spare.append(_new_h2())
 
 
 class ConnectionLost(Exception):
@@ -97,22 +160,7 @@ class H2ClientConnection:
         self.peer: Address = stream.extra(OverlayAttribute.peer_address)
         self.peer_identity: PublicIdentity = stream.extra(OverlayAttribute.peer_identity)
         self.fingerprint = self.peer_identity.fingerprint  # a hash: once, not per response
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self._h2 = h2.connection.H2Connection(config=config)
-        settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 << 10,
-            },
-        )
-        _h2compat.use_local_settings(self._h2, settings, _MAX_FRAME)
-        _h2compat.cache_hpack(self._h2)
-        # The preface and our SETTINGS leave with the first request, in one datagram.
-        self._h2.initiate_connection()
-        self._h2.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+        self._h2 = _take_h2()
         self._exchanges: dict[int, _Exchange] = {}
         self._outgoing = bytearray()
         self._sending = False
@@ -168,6 +216,9 @@ class H2ClientConnection:
         """
         self._outgoing += self._h2.data_to_send()
         if self._sending or not self._outgoing:
+            return
+        if self._stream.try_send(self._outgoing):  # it fits: no wait, nothing to cut short
+            self._outgoing.clear()
             return
         self._sending = True
         try:
@@ -242,7 +293,7 @@ class H2ClientConnection:
             sid = getattr(event, "stream_id", None)
             exchange = exchanges.get(sid) if sid is not None else None
             if isinstance(event, h2.events.DataReceived):
-                if exchange is not None:
+                if exchange is not None and exchange.error is None:
                     exchange.chunks.append((event.data, event.flow_controlled_length))
                 elif event.flow_controlled_length:
                     self._h2.acknowledge_received_data(
@@ -250,7 +301,12 @@ class H2ClientConnection:
                     )
             elif isinstance(event, h2.events.ResponseReceived):
                 if exchange is not None:
-                    exchange.head = _head(event.headers)
+                    try:
+                        exchange.head = _head(event.headers)
+                    except MalformedResponse as exc:
+                        exchange.error = exc  # RFC 9113 section 8.1.1: a stream error
+                        with contextlib.suppress(h2.exceptions.StreamClosedError):
+                            self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
             elif isinstance(event, h2.events.StreamEnded):
                 if exchange is not None:
                     exchange.ended = True
@@ -291,18 +347,14 @@ class H2ClientConnection:
             await self._wait(lambda: self._slot_free() or not self.usable)
         if not self.usable:
             raise Refused(f"connection to {self.peer} is closing; request not begun")
-        sid = self._h2.get_next_available_stream_id()
         head = [
             (b":method", method),
             (b":scheme", b"http"),
             (b":authority", self.authority.encode()),
             (b":path", target),
         ]
-        for name, value in headers:
-            name = name.lower()
-            if name in _HOP_BY_HOP or (name == b"te" and value.lower() != b"trailers"):
-                continue
-            head.append((name, value))
+        head += _request_fields(headers)
+        sid = self._h2.get_next_available_stream_id()
         self._exchanges[sid] = _Exchange(sid, self._stream.bytes_sent)
         self._h2.send_headers(sid, head, end_stream=not has_body)
         if not has_body:
@@ -453,15 +505,52 @@ class H2ClientConnection:
         self._fail(ConnectionLost(f"connection to {self.peer} closed"))
 
 
-def _head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
-    status = 0
-    out = []
+def _request_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A request's own fields as HTTP/2 carries them.
+
+    Names lowercased, hop-by-hop fields dropped (and ``host``: ``:authority``
+    says it), values trimmed; credentials marked never-indexed, so that HPACK
+    keeps them out of its tables, as h2 would mark them. A field HTTP/2 cannot
+    carry raises `InvalidRequestHeader`.
+    """
+    fields: list[tuple[bytes, bytes]] = []
     for name, value in headers:
-        if name == b":status":
+        name = name.lower()
+        if name in _HOP_BY_HOP or (name == b"te" and value.lower() != b"trailers"):
+            continue
+        value = value.strip(b" \t")
+        if not field_name_ok(name):
+            raise InvalidRequestHeader(f"header name {name!r}: expected a token (RFC 9110)")
+        if not field_value_ok(value):
+            raise InvalidRequestHeader(f"header {name.decode()!r}: its value holds NUL, CR or LF")
+        if name in _SECRET or (name == b"cookie" and len(value) < 20):
+            fields.append(NeverIndexedHeaderTuple(name, value))
+        else:
+            fields.append((name, value))
+    return fields
+
+
+def _head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
+    """Status and fields of a response header block; `MalformedResponse` if RFC 9113
+    (section 8.3.2 and 8.2) does not allow it."""
+    status = None
+    fields: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name[:1] == b":":
+            if name != b":status" or status is not None or fields:
+                raise MalformedResponse(f"unexpected or misplaced pseudo-header {name!r}")
+            if _STATUS.fullmatch(value) is None:
+                raise MalformedResponse(f"invalid :status {value!r}")
             status = int(value)
-        elif not name.startswith(b":"):
-            out.append((name, value))
-    return ResponseHead(status, out)
+            continue
+        if not field_name_ok(name) or not field_value_ok(value):
+            raise MalformedResponse(f"invalid header {name!r}: {value!r}")
+        if name in CONNECTION_HEADERS or (name == b"te" and value.lower() != b"trailers"):
+            raise MalformedResponse(f"connection-specific header {name!r}")
+        fields.append((name, value))
+    if status is None:
+        raise MalformedResponse("no :status")
+    return ResponseHead(status, fields)
 
 
 def _code_name(code: int) -> str:

@@ -26,7 +26,7 @@ from .._exceptions import (
     UnknownPeer,
 )
 
-__all__ = ["Phase", "ServerResetStream", "map_errors"]
+__all__ = ["InvalidRequestHeader", "MalformedResponse", "Phase", "ServerResetStream", "map_errors"]
 
 Phase = Literal["connect", "write", "read", "pool"]
 
@@ -42,6 +42,14 @@ _NETWORK: dict[Phase, type[httpx.NetworkError]] = {
     "read": httpx.ReadError,
     "pool": httpx.ConnectError,
 }
+
+
+class InvalidRequestHeader(Exception):
+    """A request header that HTTP/2 cannot carry (a name that is no token, a CR in a value)."""
+
+
+class MalformedResponse(Exception):
+    """A response header block that RFC 9113 does not allow; its stream was reset."""
 
 
 class ServerResetStream(Exception):
@@ -79,6 +87,12 @@ def map_errors(phase: Phase, request: httpx.Request, what: str = "") -> Iterator
         raise _NETWORK[phase](str(exc), request=request) from exc
     except ServerResetStream as exc:
         raise httpx.RemoteProtocolError(f"{exc}{where}", request=request) from exc
+    except MalformedResponse as exc:
+        raise httpx.RemoteProtocolError(
+            f"malformed response{where}: {exc}", request=request
+        ) from exc
+    except InvalidRequestHeader as exc:
+        raise httpx.LocalProtocolError(f"{exc}", request=request) from exc
     except h2.exceptions.ProtocolError as exc:
         raise httpx.RemoteProtocolError(
             f"HTTP/2 protocol error{where}: {exc}", request=request

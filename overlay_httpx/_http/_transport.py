@@ -30,7 +30,7 @@ from .._address import Address
 from .._exceptions import LocalProtocolError
 from .._identity import Identity
 from .._node import Node, OverlayAttribute
-from ._client import H2ClientConnection, Refused
+from ._client import H2ClientConnection, Refused, prepare_connection
 from ._errors import Phase, map_errors
 from ._resolver import NodeResolver
 
@@ -166,6 +166,7 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._connections: dict[tuple[Address, int], H2ClientConnection] = {}
         self._connecting: dict[tuple[Address, int], anyio.Lock] = {}
+        prepare_connection()  # the first connection's h2 state, before any request waits
 
     @property
     def node(self) -> Node:
@@ -278,8 +279,11 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             return conn
         lock = self._connecting.setdefault(key, anyio.Lock())
         what = f"{address} port {port}"
-        with map_errors("pool", request, what), anyio.fail_after(_timeout(request, "pool")):
-            await lock.acquire()
+        try:
+            lock.acquire_nowait()  # nobody else connecting: no timer, no event-loop pass
+        except anyio.WouldBlock:
+            with map_errors("pool", request, what), anyio.fail_after(_timeout(request, "pool")):
+                await lock.acquire()
         try:
             conn = self._connections.get(key)
             if conn is not None and conn.usable:
@@ -324,9 +328,10 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             isinstance(request.stream, httpx.ByteStream)
             and request.headers.get("content-length") in (None, "0")
         )
-        headers = [(k.lower(), v) for k, v in request.headers.raw]
         with map_errors("pool", request, what), _deadline(conn.can_open, request, "pool"):
-            sid = await conn.open(request.method.encode(), target, headers, has_body=has_body)
+            sid = await conn.open(
+                request.method.encode(), target, request.headers.raw, has_body=has_body
+            )
         try:
             if has_body:
                 with map_errors("write", request, what):
@@ -337,6 +342,9 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                     else:
                         async with aclosing(_chunks(request)) as chunks:
                             await conn.send_body(sid, chunks, _timeout(request, "write"))
+            # The request is on the wire: while the peer works on it, make the next
+            # new connection's h2 state (a no-op when it is there already).
+            prepare_connection()
             with map_errors("read", request, what), anyio.fail_after(_timeout(request, "read")):
                 head = await conn.receive_head(sid)
         except BaseException:

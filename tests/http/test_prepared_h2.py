@@ -1,0 +1,69 @@
+"""A new HTTP/2 connection takes h2 state made ahead of time, on both sides, and the
+next one is made once the first request (client) or response (server) is out."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from overlay_httpx import OverlayServer, OverlayTransport
+from overlay_httpx._asgi import _connection
+from overlay_httpx._http import _client
+
+pytestmark = pytest.mark.anyio
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(body: dict[str, int]) -> dict[str, int]:
+        return body
+
+    return app
+
+
+async def test_each_side_takes_the_prepared_h2_state_and_prepares_the_next(
+    overlay_node_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    server_node, client_node = await overlay_node_factory(), await overlay_node_factory()
+    server = OverlayServer(_app(), server_node, max_concurrent_streams=77)
+    key = (77, 65536)
+    _connection._spares.pop(key, None)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        server_spare = _connection._spares[key]  # made when the server started
+        transport = OverlayTransport(client_node)
+        client_spare = _client._spare[-1]  # made when the transport was
+        async with httpx.AsyncClient(
+            transport=transport, base_url=f"http://{server_node.address.host}"
+        ) as client:
+            r = await client.post("/echo", json={"n": 1})
+            assert r.json() == {"n": 1}
+            (conn,) = transport._connections.values()
+            assert conn._h2 is client_spare
+            assert _client._spare
+            assert _client._spare[-1] is not client_spare
+            (served,) = server._connections
+            assert served.h2 is server_spare
+            assert _connection._spares[key] is not server_spare
+            # The prepared states work like fresh ones: a second request, same connection.
+            assert (await client.post("/echo", json={"n": 2})).json() == {"n": 2}
+            assert transport._connections[conn.peer, 80] is conn
+        tg.cancel_scope.cancel()
+
+
+def test_a_prepared_state_serves_one_connection() -> None:
+    _client._spare.clear()
+    _client.prepare_connection()
+    _client.prepare_connection()  # one is enough: no second spare
+    assert len(_client._spare) == 1
+    first = _client._take_h2()
+    second = _client._take_h2()  # none left: made on the spot
+    assert first is not second
+    assert not _client._spare
+    # Both have their preface and SETTINGS queued, to leave with the first request.
+    assert first.data_to_send().startswith(b"PRI * HTTP/2.0")
+    assert second.data_to_send().startswith(b"PRI * HTTP/2.0")
