@@ -15,6 +15,7 @@ __all__ = [
     "BAD_FIELD_VALUE",
     "CONNECTION_HEADERS",
     "FIELD_NAME",
+    "H2_FIELD_NAME",
     "field_name_ok",
     "field_value_ok",
 ]
@@ -25,6 +26,9 @@ CONNECTION_HEADERS: Final = frozenset(
 )
 #: a field name: a token, lowercase as HTTP/2 requires
 FIELD_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+#: a field name as RFC 9113 section 8.2.1 lets a peer send it: visible ASCII, no
+#: uppercase, no colon. Looser than a token (`FIELD_NAME`): what we take from peers.
+H2_FIELD_NAME: Final = re.compile(rb"[\x21-\x39\x3b-\x40\x5b-\x7e]+")
 #: what a field value must not hold: NUL, CR or LF anywhere, whitespace at either end
 BAD_FIELD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 

@@ -32,7 +32,7 @@ from hyperframe.frame import SettingsFrame
 from .. import _h2compat  # also gives DATA frames a cheap repr on import
 from .._address import Address
 from .._exceptions import PeerRestarted
-from .._fields import CONNECTION_HEADERS, field_name_ok, field_value_ok
+from .._fields import CONNECTION_HEADERS, H2_FIELD_NAME, field_name_ok, field_value_ok
 from .._identity import PublicIdentity
 from .._node import OverlayAttribute, OverlayStream
 from ._errors import InvalidRequestHeader, MalformedResponse, ServerResetStream
@@ -261,10 +261,12 @@ class H2ClientConnection:
                 data = b""
             finally:
                 self._reading = False
-            if data:
-                self._feed(data)
-            progress, self._progress = self._progress, anyio.Event()
-            progress.set()
+            try:
+                if data:
+                    self._feed(data)
+            finally:  # waiters must never be stranded, whatever `_feed` raises
+                progress, self._progress = self._progress, anyio.Event()
+                progress.set()
 
     def _fail(self, error: Exception) -> None:
         """The connection is gone; each open exchange fails, or is marked retryable when
@@ -289,6 +291,7 @@ class H2ClientConnection:
             self._fail(exc)
             return
         exchanges = self._exchanges
+        malformed: list[int] = []
         for event in events:
             sid = getattr(event, "stream_id", None)
             exchange = exchanges.get(sid) if sid is not None else None
@@ -305,8 +308,7 @@ class H2ClientConnection:
                         exchange.head = _head(event.headers)
                     except MalformedResponse as exc:
                         exchange.error = exc  # RFC 9113 section 8.1.1: a stream error
-                        with contextlib.suppress(h2.exceptions.StreamClosedError):
-                            self._h2.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+                        malformed.append(exchange.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
                 if exchange is not None:
                     exchange.ended = True
@@ -315,6 +317,11 @@ class H2ClientConnection:
                     exchange.error = _reset_error(event, self.peer)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._on_goaway(event)
+        # After every event (a GOAWAY later in the same read may have closed h2's
+        # connection state, or reopened it): reset what is still open.
+        for sid in malformed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
         last = event.last_stream_id if event.last_stream_id is not None else 0
@@ -343,20 +350,24 @@ class H2ClientConnection:
         has_body: bool,
     ) -> int:
         """Wait for a stream slot, send the request head; returns the stream id."""
-        if not (self.usable and self._slot_free()):
-            await self._wait(lambda: self._slot_free() or not self.usable)
-        if not self.usable:
-            raise Refused(f"connection to {self.peer} is closing; request not begun")
         head = [
             (b":method", method),
             (b":scheme", b"http"),
             (b":authority", self.authority.encode()),
             (b":path", target),
         ]
-        head += _request_fields(headers)
+        head += _request_fields(headers)  # a bad header fails now, before any wait
+        if not (self.usable and self._slot_free()):
+            await self._wait(lambda: self._slot_free() or not self.usable)
+        if not self.usable:
+            raise Refused(f"connection to {self.peer} is closing; request not begun")
         sid = self._h2.get_next_available_stream_id()
+        try:
+            self._h2.send_headers(sid, head, end_stream=not has_body)
+        except h2.exceptions.ProtocolError as exc:
+            self._fail(exc)  # h2's state is unusable: take the connection out of the pool
+            raise
         self._exchanges[sid] = _Exchange(sid, self._stream.bytes_sent)
-        self._h2.send_headers(sid, head, end_stream=not has_body)
         if not has_body:
             await self._flush()  # else the head leaves with the first body bytes
         return sid
@@ -440,6 +451,10 @@ class H2ClientConnection:
         await self._wait(lambda: exchange.head is not None or exchange.error is not None)
         if exchange.head is None:
             assert exchange.error is not None
+            if isinstance(exchange.error, MalformedResponse):
+                # our RST_STREAM: now, not with whatever this connection sends next
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await self._flush()
             raise exchange.error
         return exchange.head
 
@@ -543,7 +558,7 @@ def _head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
                 raise MalformedResponse(f"invalid :status {value!r}")
             status = int(value)
             continue
-        if not field_name_ok(name) or not field_value_ok(value):
+        if H2_FIELD_NAME.fullmatch(name) is None or not field_value_ok(value):
             raise MalformedResponse(f"invalid header {name!r}: {value!r}")
         if name in CONNECTION_HEADERS or (name == b"te" and value.lower() != b"trailers"):
             raise MalformedResponse(f"connection-specific header {name!r}")

@@ -346,12 +346,15 @@ class OverlayStream(ByteStream):
         """
         if self._closed or self._send_error is not None or self._eof_sent or self._sending:
             return False
-        # bytes as they are; anything else copied (the compiled core takes bytes only)
-        if type(data) is not bytes:
-            data = memoryview(data).tobytes()
-        if self._tunnel.send_buffer_available(self._stream_id) < len(data):
+        if isinstance(data, bytes):
+            if self._tunnel.send_buffer_available(self._stream_id) < len(data):
+                return False
+            self._push(data)
+            return True
+        view = memoryview(data)
+        if self._tunnel.send_buffer_available(self._stream_id) < view.nbytes:
             return False
-        self._push(data)
+        self._push(view.tobytes())  # copied once it fits: the compiled core takes bytes only
         return True
 
     def _push(self, data: bytes) -> None:

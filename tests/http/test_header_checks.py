@@ -16,13 +16,15 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from hpack import NeverIndexedHeaderTuple
 
 from overlay_httpx import OverlayTransport
-from overlay_httpx._http._client import _request_fields
+from overlay_httpx._http._client import _head, _request_fields
+from overlay_httpx._http._errors import MalformedResponse
 
 pytestmark = pytest.mark.anyio
 
@@ -201,3 +203,124 @@ async def test_credentials_reach_the_wire_as_never_indexed_fields(
         tg.cancel_scope.cancel()
     assert seen == [(b"authorization", b"Bearer s")] * 2
     assert all(type(h) is NeverIndexedHeaderTuple for h in seen)
+
+
+def _lax_h2() -> h2.connection.H2Connection:
+    config = h2.config.H2Configuration(
+        client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    return conn
+
+
+async def test_the_reset_of_a_malformed_response_leaves_at_once(
+    overlay_node_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """The server learns that its malformed response was refused without waiting for
+    the client's next request (it would go on producing the body meanwhile)."""
+    server_node, client_node = await overlay_node_factory(), await overlay_node_factory()
+    listener = await server_node.listen(80)
+    reset = anyio.Event()
+    codes: list[int] = []
+
+    async def handle(stream: Any) -> None:
+        conn = _lax_h2()
+        await stream.send(conn.data_to_send())
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream):
+            async for data in stream:
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded):
+                        assert event.stream_id is not None
+                        conn.send_headers(event.stream_id, [(b":status", b"200"), (b"X-A", b"1")])
+                        conn.send_data(event.stream_id, b"more to come")
+                    elif isinstance(event, h2.events.StreamReset):
+                        codes.append(event.error_code)
+                        reset.set()
+                await stream.send(conn.data_to_send())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        async with httpx.AsyncClient(transport=OverlayTransport(client_node)) as client:
+            with pytest.raises(httpx.RemoteProtocolError, match="malformed response"):
+                await client.get(f"http://{server_node.address.host}/")
+            with anyio.fail_after(5):  # the client sends nothing else meanwhile
+                await reset.wait()
+        tg.cancel_scope.cancel()
+    assert codes == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+
+
+async def test_a_malformed_response_read_with_a_goaway_fails_only_its_own_request(
+    overlay_node_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """One read holds a malformed response, a good one for another request and a
+    graceful GOAWAY (h2 has closed its side when the events are handled): the good
+    response is delivered, the malformed one fails at once, and the next request
+    goes to a new connection."""
+    server_node, client_node = await overlay_node_factory(), await overlay_node_factory()
+    listener = await server_node.listen(80)
+    slow_seen = anyio.Event()
+    conns: list[int] = []
+
+    async def handle(stream: Any) -> None:
+        conns.append(1)
+        conn = _lax_h2()
+        await stream.send(conn.data_to_send())
+        paths: dict[int, bytes] = {}
+        # After its GOAWAY this h2 refuses what still comes (our RST_STREAM): it is done.
+        with contextlib.suppress(
+            anyio.BrokenResourceError, anyio.EndOfStream, h2.exceptions.ProtocolError
+        ):
+            async for data in stream:
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        assert event.stream_id is not None
+                        assert event.headers is not None
+                        paths[event.stream_id] = dict(event.headers)[b":path"]
+                    elif isinstance(event, h2.events.StreamEnded):
+                        sid = event.stream_id
+                        assert sid is not None
+                        if paths[sid] == b"/slow":
+                            slow_seen.set()  # answered with /bad's read
+                        elif paths[sid] == b"/bad":
+                            conn.send_headers(sid, [(b":status", b"200"), (b"X-A", b"1")])
+                            for other, path in paths.items():
+                                if path == b"/slow":
+                                    conn.send_headers(other, [(b":status", b"200")], True)
+                            conn.close_connection(last_stream_id=sid)
+                        else:
+                            conn.send_headers(sid, [(b":status", b"204")], end_stream=True)
+                await stream.send(conn.data_to_send())
+
+    base = f"http://{server_node.address.host}"
+    results: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        async with httpx.AsyncClient(transport=OverlayTransport(client_node)) as client:
+
+            async def get(path: str) -> None:
+                try:
+                    results[path] = (await client.get(f"{base}{path}")).status_code
+                except httpx.HTTPError as exc:
+                    results[path] = exc
+
+            with anyio.fail_after(5):  # a stranded waiter would sit out its read timeout
+                async with anyio.create_task_group() as requests:
+                    requests.start_soon(get, "/slow")
+                    await slow_seen.wait()
+                    requests.start_soon(get, "/bad")
+            assert results["/slow"] == 200
+            assert isinstance(results["/bad"], httpx.RemoteProtocolError)
+            assert "malformed response" in str(results["/bad"])
+            assert (await client.get(f"{base}/next")).status_code == 204
+        tg.cancel_scope.cancel()
+    assert conns == [1, 1]  # after the GOAWAY, a new connection
+
+
+def test_response_names_follow_rfc_9113_not_the_stricter_token_rule() -> None:
+    """What a peer may send (RFC 9113 section 8.2.1) is taken; what it may not, is not."""
+    head = _head([(b":status", b"200"), (b"x@y", b"1"), (b"x-a", b"")])
+    assert (head.status, head.headers) == (200, [(b"x@y", b"1"), (b"x-a", b"")])
+    for name in (b"x:y", b"X-A", b"x y", b""):
+        with pytest.raises(MalformedResponse):
+            _head([(b":status", b"200"), (name, b"1")])
