@@ -9,6 +9,7 @@ RST_STREAM(PROTOCOL_ERROR), and the connection carries on.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -41,22 +42,25 @@ MALFORMED = {
 }
 
 
-async def _raw_server(
-    stream: Any, bad_head: list[tuple[bytes, bytes]], resets: list[int], conns: list[int]
+Answer = Callable[[h2.connection.H2Connection, int, bytes], None]
+
+
+async def _serve_raw(
+    stream: Any, answer: Answer, on_reset: Callable[[int], None] | None = None
 ) -> None:
-    """An h2 server that checks nothing: /bad and /bad-ended get `bad_head`, anything
-    else 200 "ok"."""
-    conns.append(1)
+    """An HTTP/2 server that checks nothing: `answer(conn, stream_id, path)` once a
+    request has ended, `on_reset(error_code)` for each RST_STREAM it receives."""
     config = h2.config.H2Configuration(
-        client_side=False,
-        validate_outbound_headers=False,
-        normalize_outbound_headers=False,
+        client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False
     )
     conn = h2.connection.H2Connection(config)
     conn.initiate_connection()
     await stream.send(conn.data_to_send())
     paths: dict[int, bytes] = {}
-    with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream):
+    # After a GOAWAY h2 refuses what still comes (our RST_STREAM): this server is done.
+    with contextlib.suppress(
+        anyio.BrokenResourceError, anyio.EndOfStream, h2.exceptions.ProtocolError
+    ):
         async for data in stream:
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.RequestReceived):
@@ -64,19 +68,29 @@ async def _raw_server(
                     assert event.headers is not None
                     paths[event.stream_id] = dict(event.headers)[b":path"]
                 elif isinstance(event, h2.events.StreamEnded):
-                    sid = event.stream_id
-                    assert sid is not None
-                    if paths[sid] == b"/bad":  # left open: the client resets it
-                        conn.send_headers(sid, bad_head)
-                    elif paths[sid] == b"/bad-ended":  # ended: nothing left to reset
-                        conn.send_headers(sid, bad_head, end_stream=True)
-                    else:
-                        conn.send_headers(sid, [(b":status", b"200")])
-                        conn.send_data(sid, b"ok", end_stream=True)
-                elif isinstance(event, h2.events.StreamReset):
                     assert event.stream_id is not None
-                    resets.append(event.error_code)
+                    answer(conn, event.stream_id, paths[event.stream_id])
+                elif isinstance(event, h2.events.StreamReset) and on_reset is not None:
+                    on_reset(event.error_code)
             await stream.send(conn.data_to_send())
+
+
+async def _raw_server(
+    stream: Any, bad_head: list[tuple[bytes, bytes]], resets: list[int], conns: list[int]
+) -> None:
+    """/bad and /bad-ended get `bad_head`, anything else 200 "ok"."""
+    conns.append(1)
+
+    def answer(conn: h2.connection.H2Connection, sid: int, path: bytes) -> None:
+        if path == b"/bad":  # left open: the client resets it
+            conn.send_headers(sid, bad_head)
+        elif path == b"/bad-ended":  # ended: nothing left to reset
+            conn.send_headers(sid, bad_head, end_stream=True)
+        else:
+            conn.send_headers(sid, [(b":status", b"200")])
+            conn.send_data(sid, b"ok", end_stream=True)
+
+    await _serve_raw(stream, answer, resets.append)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -205,15 +219,6 @@ async def test_credentials_reach_the_wire_as_never_indexed_fields(
     assert all(type(h) is NeverIndexedHeaderTuple for h in seen)
 
 
-def _lax_h2() -> h2.connection.H2Connection:
-    config = h2.config.H2Configuration(
-        client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False
-    )
-    conn = h2.connection.H2Connection(config)
-    conn.initiate_connection()
-    return conn
-
-
 async def test_the_reset_of_a_malformed_response_leaves_at_once(
     overlay_node_factory,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -224,20 +229,16 @@ async def test_the_reset_of_a_malformed_response_leaves_at_once(
     reset = anyio.Event()
     codes: list[int] = []
 
+    def answer(conn: h2.connection.H2Connection, sid: int, path: bytes) -> None:
+        conn.send_headers(sid, [(b":status", b"200"), (b"X-A", b"1")])
+        conn.send_data(sid, b"more to come")
+
+    def on_reset(code: int) -> None:
+        codes.append(code)
+        reset.set()
+
     async def handle(stream: Any) -> None:
-        conn = _lax_h2()
-        await stream.send(conn.data_to_send())
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream):
-            async for data in stream:
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.StreamEnded):
-                        assert event.stream_id is not None
-                        conn.send_headers(event.stream_id, [(b":status", b"200"), (b"X-A", b"1")])
-                        conn.send_data(event.stream_id, b"more to come")
-                    elif isinstance(event, h2.events.StreamReset):
-                        codes.append(event.error_code)
-                        reset.set()
-                await stream.send(conn.data_to_send())
+        await _serve_raw(stream, answer, on_reset)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, handle)
@@ -262,35 +263,23 @@ async def test_a_malformed_response_read_with_a_goaway_fails_only_its_own_reques
     slow_seen = anyio.Event()
     conns: list[int] = []
 
+    slow: list[int] = []
+
+    def answer(conn: h2.connection.H2Connection, sid: int, path: bytes) -> None:
+        if path == b"/slow":
+            slow.append(sid)  # answered with /bad, in the same read
+            slow_seen.set()
+        elif path == b"/bad":
+            conn.send_headers(sid, [(b":status", b"200"), (b"X-A", b"1")])
+            for other in slow:
+                conn.send_headers(other, [(b":status", b"200")], end_stream=True)
+            conn.close_connection(last_stream_id=sid)
+        else:
+            conn.send_headers(sid, [(b":status", b"204")], end_stream=True)
+
     async def handle(stream: Any) -> None:
         conns.append(1)
-        conn = _lax_h2()
-        await stream.send(conn.data_to_send())
-        paths: dict[int, bytes] = {}
-        # After its GOAWAY this h2 refuses what still comes (our RST_STREAM): it is done.
-        with contextlib.suppress(
-            anyio.BrokenResourceError, anyio.EndOfStream, h2.exceptions.ProtocolError
-        ):
-            async for data in stream:
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
-                        assert event.stream_id is not None
-                        assert event.headers is not None
-                        paths[event.stream_id] = dict(event.headers)[b":path"]
-                    elif isinstance(event, h2.events.StreamEnded):
-                        sid = event.stream_id
-                        assert sid is not None
-                        if paths[sid] == b"/slow":
-                            slow_seen.set()  # answered with /bad's read
-                        elif paths[sid] == b"/bad":
-                            conn.send_headers(sid, [(b":status", b"200"), (b"X-A", b"1")])
-                            for other, path in paths.items():
-                                if path == b"/slow":
-                                    conn.send_headers(other, [(b":status", b"200")], True)
-                            conn.close_connection(last_stream_id=sid)
-                        else:
-                            conn.send_headers(sid, [(b":status", b"204")], end_stream=True)
-                await stream.send(conn.data_to_send())
+        await _serve_raw(stream, answer)
 
     base = f"http://{server_node.address.host}"
     results: dict[str, Any] = {}
