@@ -142,9 +142,9 @@ def prepare_h2(max_concurrent_streams: int, max_header_list_size: int) -> None:
     """Make the next new connection's h2 state now, off that connection's critical path.
 
     Building it (h2's connection object, settings, HPACK coders, preface) costs
-    about as much as serving a request; the server calls this when it starts and
-    after each response is written, so a new client's first request finds it
-    ready. Each state still serves exactly one connection.
+    about as much as serving a request; the server calls this when it starts and,
+    once its node is quiet, after a connection took the last one, so a new
+    client's first request finds it ready. Each state serves one connection.
     """
     key = (max_concurrent_streams, max_header_list_size)
     if key not in _spares:
@@ -471,9 +471,6 @@ class Connection:
             if self._draining and not self.requests:
                 self._stop_reading()
         await self.flush()
-        # The response is on the wire: make the next connection's h2 state (a no-op
-        # when it is there already) while the client reads it.
-        prepare_h2(self._max_streams, self._info.max_header_list_size)
 
     # -- writing -----------------------------------------------------------------------------
 

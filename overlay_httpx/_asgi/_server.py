@@ -225,6 +225,10 @@ class OverlayServer:
             )
             self._connections.add(connection)
             task_group.start_soon(self._run_connection, connection)
+            limits = (self._max_streams, self._max_header_list_size)
+            self._node._later(
+                ("HTTP/2 server state", limits), functools.partial(prepare_h2, *limits)
+            )
 
     def _info(self, stream: OverlayStream, state: dict[str, object] | None) -> ConnectionInfo:
         peer = stream.extra(OverlayAttribute.peer_address)

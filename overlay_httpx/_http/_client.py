@@ -103,9 +103,9 @@ def prepare_connection() -> None:
     """Make the next new connection's h2 state now, off that connection's critical path.
 
     Building it (h2's connection object, settings, HPACK coders, preface) costs
-    about as much as a request; a transport calls this when it is created and
-    after each request is on the wire, so a first request to a new peer finds
-    it ready. Each state still serves exactly one connection.
+    about as much as a request; a transport calls this when it is created and,
+    once its node is quiet, after a connection took the last one, so a first
+    request to a new peer finds it ready. Each state serves one connection.
     """
     if not _spare:
         _spare.append(_new_h2())

@@ -299,6 +299,7 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                     authority=request.url.netloc.decode("ascii"),
                     keepalive_expiry=self._keepalive_expiry,
                 )
+                node._later("HTTP/2 client state", prepare_connection)  # for the next one
             old = self._connections.get(key)
             self._connections[key] = conn
             if old is not None and old.idle:
@@ -342,9 +343,6 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                     else:
                         async with aclosing(_chunks(request)) as chunks:
                             await conn.send_body(sid, chunks, _timeout(request, "write"))
-            # The request is on the wire: while the peer works on it, make the next
-            # new connection's h2 state (a no-op when it is there already).
-            prepare_connection()
             with map_errors("read", request, what), anyio.fail_after(_timeout(request, "read")):
                 head = await conn.receive_head(sid)
         except BaseException:

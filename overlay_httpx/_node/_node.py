@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from types import TracebackType
@@ -38,6 +38,7 @@ from .._protocol._stats import TunnelStatistics
 from .._protocol._tunnel import Tunnel
 from ._discovery import PeerBook, PeerInfo, check_tags, make_client
 from ._discovery import network_key as make_network_key
+from ._idle import IdleWork
 from ._router import Router
 from ._stream import OverlayListener, OverlayStream, Path, Waiter, waiter_factory
 from ._trust import TrustPolicy
@@ -216,6 +217,7 @@ class Node:
             )
         self._clock = loop_clock()
         self._new_waiter = waiter_factory()
+        self._idle = IdleWork(self._clock, self._spawn)
         now = self._clock()
         self._endpoint = Endpoint(
             self._identity,
@@ -424,6 +426,11 @@ class Node:
     def _tunnel_for(self, identity: PublicIdentity) -> Tunnel | None:
         return self._endpoint.tunnel(identity) if self._endpoint is not None else None
 
+    def _later(self, key: Hashable, work: Callable[[], object]) -> None:
+        """Run `work` once the node is quiet (see `_idle`): work no request waits for."""
+        if self._state == "running":
+            self._idle.add(key, work)
+
     def _spawn(self, work: Awaitable[None]) -> None:
         """Run `work` in the node's task group; its failures are logged, never raised."""
 
@@ -523,12 +530,15 @@ class Node:
         try:
             while True:
                 self._flush_again = False
-                for data, addr in endpoint.datagrams_to_send(self._clock()):
+                now = self._clock()
+                for data, addr in endpoint.datagrams_to_send(now):
                     udp.sendto(data, addr)
                 self._router.process(endpoint)
                 if not self._flush_again:
                     break
-            endpoint.keys.prepare()  # the next handshake's key, while the peer reads ours
+            self._idle.last_activity = now
+            if not endpoint.keys.spare:  # the next handshake's key, once nothing is going on
+                self._later("ephemeral key", endpoint.keys.prepare)
             timer = endpoint.get_timer()
             self._set_deadline(math.inf if timer is None else timer)
             if self._drained is not None and self._all_delivered():

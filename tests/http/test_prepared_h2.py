@@ -1,5 +1,5 @@
 """A new HTTP/2 connection takes h2 state made ahead of time, on both sides, and the
-next one is made once the first request (client) or response (server) is out."""
+next one is made once the node is quiet."""
 
 from __future__ import annotations
 
@@ -44,10 +44,13 @@ async def test_each_side_takes_the_prepared_h2_state_and_prepares_the_next(
             assert r.json() == {"n": 1}
             (conn,) = transport._connections.values()
             assert conn._h2 is client_spare
-            assert _client._spare
-            assert _client._spare[-1] is not client_spare
             (served,) = server._connections
             assert served.h2 is server_spare
+            # The next ones are made once each node has been quiet for a moment.
+            await client_node._idle.wait()
+            await server_node._idle.wait()
+            assert _client._spare
+            assert _client._spare[-1] is not client_spare
             assert _connection._spares[key] is not server_spare
             # The prepared states work like fresh ones: a second request, same connection.
             assert (await client.post("/echo", json={"n": 2})).json() == {"n": 2}

@@ -1,0 +1,98 @@
+"""Work no request waits for runs once the node is quiet (overlay_httpx._node._idle)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import anyio
+import pytest
+
+from overlay_httpx._node._idle import IdleWork
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_work_runs_once_per_key_after_a_quiet_moment() -> None:
+    ran: list[tuple[str, float]] = []
+    async with anyio.create_task_group() as tg:
+
+        def spawn(work: Awaitable[None]) -> None:
+            tg.start_soon(lambda: work)
+
+        idle = IdleWork(anyio.current_time, spawn, quiet=0.02, longest=5.0)
+        idle.last_activity = start = anyio.current_time()
+        idle.add("a", lambda: ran.append(("a", anyio.current_time())))
+        idle.add("a", lambda: ran.append(("a again", anyio.current_time())))
+        idle.add("b", lambda: ran.append(("b", anyio.current_time())))
+        await idle.wait()
+    assert [name for name, _ in ran] == ["a", "b"]
+    assert ran[0][1] >= start + 0.02
+
+
+async def test_activity_postpones_work_but_no_longer_than_longest() -> None:
+    ran: list[float] = []
+    busy_until = anyio.current_time() + 0.5
+    async with anyio.create_task_group() as tg:
+
+        def spawn(work: Awaitable[None]) -> None:
+            tg.start_soon(lambda: work)
+
+        patient = IdleWork(anyio.current_time, spawn, quiet=0.05, longest=10.0)
+        hurried = IdleWork(anyio.current_time, spawn, quiet=0.05, longest=0.1)
+        patient.add("w", lambda: ran.append(anyio.current_time()))
+        hurried.add("w", lambda: ran.append(-anyio.current_time()))
+        while anyio.current_time() < busy_until:  # a datagram every millisecond
+            patient.last_activity = hurried.last_activity = anyio.current_time()
+            await anyio.sleep(0.001)
+        last = patient.last_activity
+        await patient.wait()
+    hurried_at, patient_at = -min(ran), max(ran)
+    assert hurried_at < busy_until  # `longest` reached while still busy
+    assert patient_at >= last + 0.05  # only once quiet
+
+
+async def test_a_failing_piece_is_logged_and_the_rest_still_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    async with anyio.create_task_group() as tg:
+
+        def spawn(work: Awaitable[None]) -> None:
+            tg.start_soon(lambda: work)
+
+        idle = IdleWork(anyio.current_time, spawn, quiet=0.0)
+        with caplog.at_level(logging.ERROR, logger="overlay_httpx"):
+            idle.add("broken", broken)
+            idle.add("fine", lambda: ran.append("fine"))
+            await idle.wait()
+    assert ran == ["fine"]
+    assert "idle work 'broken' failed" in caplog.text
+
+
+async def test_a_node_makes_its_next_handshake_key_once_quiet(
+    overlay_node_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    a, b = await overlay_node_factory(), await overlay_node_factory()
+    assert a._endpoint.keys.spare  # made at start
+    listener = await b.listen(80)
+
+    async def echo(stream: Any) -> None:
+        await stream.send(await stream.receive())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        stream = await a.connect(b.address, 80)
+        await stream.send(b"hi")  # a stream reaches the peer with its first bytes
+        assert await stream.receive() == b"hi"
+        await a._idle.wait()
+        await b._idle.wait()
+        assert a._endpoint.keys.spare  # the one the handshake used, made again
+        assert b._endpoint.keys.spare
+        await stream.aclose()
+        tg.cancel_scope.cancel()
