@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument("--per-worker", type=int, default=20, help="x 64 workers in flight")
     parser.add_argument("--mib", type=int, default=64, help="size of the bulk GET")
     parser.add_argument("--sse", type=int, default=50, help="SSE streams opened per round")
-    parser.add_argument("--cold", type=int, default=5, help="first requests per round and row")
+    parser.add_argument("--cold", type=int, default=20, help="first requests per round and row")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--json", help="also write the figures (and raw samples) to this file")
     parser.add_argument("--plot", help="draw latency and throughput to this PNG (matplotlib)")
