@@ -29,6 +29,8 @@ async def test_each_side_takes_the_prepared_h2_state_and_prepares_the_next(
     overlay_node_factory,  # type: ignore[no-untyped-def]
 ) -> None:
     server_node, client_node = await overlay_node_factory(), await overlay_node_factory()
+    for node in (server_node, client_node):  # idle work waits: the test runs it
+        node._idle._quiet = node._idle._longest = 3600.0
     server = OverlayServer(_app(), server_node, max_concurrent_streams=77)
     key = (77, 65536)
     _connection._spares.pop(key, None)
@@ -47,11 +49,15 @@ async def test_each_side_takes_the_prepared_h2_state_and_prepares_the_next(
             (served,) = server._connections
             assert served.h2 is server_spare
             # The next ones are made once each node has been quiet for a moment.
-            await client_node._idle.wait()
-            await server_node._idle.wait()
-            assert _client._spare
-            assert _client._spare[-1] is not client_spare
-            assert _connection._spares[key] is not server_spare
+            assert "HTTP/2 client state" in client_node._idle._work
+            assert ("HTTP/2 server state", key) in server_node._idle._work
+            assert not _client._spare
+            assert key not in _connection._spares
+            for node in (server_node, client_node):  # what the quiet moment would run
+                for work in node._idle._work.values():
+                    work()
+            assert len(_client._spare) == 1
+            assert key in _connection._spares
             # The prepared states work like fresh ones: a second request, same connection.
             assert (await client.post("/echo", json={"n": 2})).json() == {"n": 2}
             assert transport._connections[conn.peer, 80] is conn

@@ -34,6 +34,7 @@ async def test_work_runs_once_per_key_after_a_quiet_moment() -> None:
 async def test_activity_postpones_work_but_no_longer_than_longest() -> None:
     ran: list[float] = []
     busy_until = anyio.current_time() + 0.5
+    activity: list[float] = []
     async with anyio.create_task_group() as tg:
 
         def spawn(work: Awaitable[None]) -> None:
@@ -44,13 +45,57 @@ async def test_activity_postpones_work_but_no_longer_than_longest() -> None:
         patient.add("w", lambda: ran.append(anyio.current_time()))
         hurried.add("w", lambda: ran.append(-anyio.current_time()))
         while anyio.current_time() < busy_until:  # a datagram every millisecond
-            patient.last_activity = hurried.last_activity = anyio.current_time()
+            now = anyio.current_time()
+            activity.append(now)
+            patient.last_activity = hurried.last_activity = now
             await anyio.sleep(0.001)
-        last = patient.last_activity
         await patient.wait()
     hurried_at, patient_at = -min(ran), max(ran)
     assert hurried_at < busy_until  # `longest` reached while still busy
-    assert patient_at >= last + 0.05  # only once quiet
+    # Only once quiet: the last activity it could have seen was `quiet` before it ran.
+    seen = max(t for t in activity if t <= patient_at)
+    assert patient_at >= seen + 0.05
+
+
+async def test_work_added_later_or_by_work_runs_too() -> None:
+    ran: list[str] = []
+    async with anyio.create_task_group() as tg:
+
+        def spawn(work: Awaitable[None]) -> None:
+            tg.start_soon(lambda: work)
+
+        idle = IdleWork(anyio.current_time, spawn, quiet=0.0)
+        idle.add("first", lambda: idle.add("queued by work", lambda: ran.append("second")))
+        await idle.wait()
+        assert ran == ["second"]
+        idle.add("after a batch", lambda: ran.append("third"))
+        await idle.wait()
+    assert ran == ["second", "third"]
+
+
+async def test_work_left_by_a_cancelled_runner_runs_with_the_next_add() -> None:
+    ran: list[str] = []
+    async with anyio.create_task_group() as tg:
+        scopes: list[anyio.CancelScope] = []
+
+        async def in_scope(work: Awaitable[None]) -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await work
+
+        def spawn(work: Awaitable[None]) -> None:
+            tg.start_soon(in_scope, work)
+
+        idle = IdleWork(anyio.current_time, spawn, quiet=60.0, longest=60.0)
+        idle.add("left", lambda: ran.append("left"))
+        await anyio.wait_all_tasks_blocked()
+        scopes[0].cancel()  # the runner dies before the work's time
+        await anyio.wait_all_tasks_blocked()
+        assert ran == []
+        idle._quiet = idle._longest = 0.0
+        idle.add("next", lambda: ran.append("next"))
+        await idle.wait()
+    assert ran == ["left", "next"]
 
 
 async def test_a_failing_piece_is_logged_and_the_rest_still_runs(
@@ -73,6 +118,26 @@ async def test_a_failing_piece_is_logged_and_the_rest_still_runs(
             await idle.wait()
     assert ran == ["fine"]
     assert "idle work 'broken' failed" in caplog.text
+
+
+async def test_a_node_defers_its_next_handshake_key(
+    overlay_node_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    a, b = await overlay_node_factory(), await overlay_node_factory()
+    a._idle._quiet = a._idle._longest = 3600.0  # never, within this test
+    listener = await b.listen(80)
+
+    async def echo(stream: Any) -> None:
+        await stream.send(await stream.receive())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo)
+        stream = await a.connect(b.address, 80)
+        await stream.send(b"hi")
+        assert await stream.receive() == b"hi"
+        assert not a._endpoint.keys.spare  # the handshake took it ...
+        assert "ephemeral key" in a._idle._work  # ... and the next waits for a quiet node
+        tg.cancel_scope.cancel()
 
 
 async def test_a_node_makes_its_next_handshake_key_once_quiet(
