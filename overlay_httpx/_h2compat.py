@@ -44,7 +44,7 @@ from hpack import Decoder, Encoder, HeaderTuple
 from hpack.table import HeaderTable
 from hyperframe.frame import DataFrame, Frame
 
-__all__ = ["cache_hpack", "install", "use_local_settings"]
+__all__ = ["Spares", "cache_hpack", "install", "use_local_settings"]
 
 #: header blocks longer than this (bytes) are never cached: they are rare, and a
 #: peer must not be able to pin much memory in the caches
@@ -62,6 +62,33 @@ def use_local_settings(conn: H2Connection, settings: Settings, max_frame_size: i
     up to `max_frame_size` at once, not only after the peer's ACK."""
     conn.local_settings = settings
     conn.max_inbound_frame_size = max_frame_size
+
+
+# -- connections made ahead of time -------------------------------------------------------------
+
+
+class Spares:
+    """New connections' h2 state made ahead of time, one spare per set of arguments.
+
+    Building an `H2Connection` (settings, HPACK coders, preface) costs about as
+    much as a request; made while nothing waits (`prepare`), it is off the new
+    connection's path. It depends on nothing about the peer, so one spare serves
+    the whole process; each serves exactly one connection (`take` removes it).
+    """
+
+    def __init__(self, make: Callable[..., H2Connection]) -> None:
+        self._make = make
+        self.ready: dict[tuple[Any, ...], H2Connection] = {}
+
+    def take(self, *args: Any) -> H2Connection:
+        """The spare made with `args`, or one made now if there is none."""
+        spare = self.ready.pop(args, None)  # one atomic step: nodes may run on threads
+        return spare if spare is not None else self._make(*args)
+
+    def prepare(self, *args: Any) -> None:
+        """Make the spare for `args` unless it is there."""
+        if args not in self.ready:
+            self.ready[args] = self._make(*args)
 
 
 # -- HPACK block caches ------------------------------------------------------------------------

@@ -128,27 +128,17 @@ def _new_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connect
     return h2
 
 
-# Each connection's h2 state made ahead of time, by its limits (`prepare_h2`): it
-# depends on nothing about the peer, so one spare per set of limits serves the process.
-_spares: dict[tuple[int, int], H2Connection] = {}
-
-
-def _take_h2(max_concurrent_streams: int, max_header_list_size: int) -> H2Connection:
-    spare = _spares.pop((max_concurrent_streams, max_header_list_size), None)
-    return spare if spare is not None else _new_h2(max_concurrent_streams, max_header_list_size)
+_spares: Final = _h2compat.Spares(_new_h2)
 
 
 def prepare_h2(max_concurrent_streams: int, max_header_list_size: int) -> None:
     """Make the next new connection's h2 state now, off that connection's critical path.
 
-    Building it (h2's connection object, settings, HPACK coders, preface) costs
-    about as much as serving a request; the server calls this when it starts and,
-    once its node is quiet, after a connection took the last one, so a new
-    client's first request finds it ready. Each state serves one connection.
+    The server calls this when it starts and, once its node is quiet, after a
+    connection took the last one, so a new client's first request finds it
+    ready (see `_h2compat.Spares`; one spare per set of limits).
     """
-    key = (max_concurrent_streams, max_header_list_size)
-    if key not in _spares:
-        _spares[key] = _new_h2(max_concurrent_streams, max_header_list_size)
+    _spares.prepare(max_concurrent_streams, max_header_list_size)
 
 
 class Connection:
@@ -167,7 +157,7 @@ class Connection:
         self._app = app
         self._info = info
         self._max_streams = max_concurrent_streams
-        self.h2 = _take_h2(max_concurrent_streams, info.max_header_list_size)
+        self.h2 = _spares.take(max_concurrent_streams, info.max_header_list_size)
         self._scopes = ScopeBuilder(info)  # remembers the header lists it parsed
         self.response_heads = ResponseHeads()  # remembers the response heads it checked
         self.requests: dict[int, Request] = {}

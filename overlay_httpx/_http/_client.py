@@ -87,28 +87,17 @@ def _new_h2() -> h2.connection.H2Connection:
     return conn
 
 
-# The next new connection's h2 state, made ahead of time (`prepare_connection`).
-# It depends on nothing about the peer, so one spare serves the whole process.
-_spare: list[h2.connection.H2Connection] = []
-
-
-def _take_h2() -> h2.connection.H2Connection:
-    try:
-        return _spare.pop()
-    except IndexError:  # none made yet, or another connection took it
-        return _new_h2()
+_spares: Final = _h2compat.Spares(_new_h2)
 
 
 def prepare_connection() -> None:
     """Make the next new connection's h2 state now, off that connection's critical path.
 
-    Building it (h2's connection object, settings, HPACK coders, preface) costs
-    about as much as a request; a transport calls this when it is created and,
-    once its node is quiet, after a connection took the last one, so a first
-    request to a new peer finds it ready. Each state serves one connection.
+    A transport calls this when it is created and, once its node is quiet, after
+    a connection took the last one, so a first request to a new peer finds it
+    ready (see `_h2compat.Spares`).
     """
-    if not _spare:
-        _spare.append(_new_h2())
+    _spares.prepare()
 
 
 class ConnectionLost(Exception):
@@ -160,7 +149,7 @@ class H2ClientConnection:
         self.peer: Address = stream.extra(OverlayAttribute.peer_address)
         self.peer_identity: PublicIdentity = stream.extra(OverlayAttribute.peer_identity)
         self.fingerprint = self.peer_identity.fingerprint  # a hash: once, not per response
-        self._h2 = _take_h2()
+        self._h2 = _spares.take()
         self._exchanges: dict[int, _Exchange] = {}
         self._outgoing = bytearray()
         self._sending = False
