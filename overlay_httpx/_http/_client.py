@@ -50,6 +50,9 @@ _HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
 )
 _SETTINGS_ACK: Final = SettingsFrame(0, flags=["ACK"]).serialize()
+#: concurrent streams assumed until the server's SETTINGS say how many it takes (h2
+#: would assume no limit; RFC 9113 section 6.5.2 recommends servers allow 100)
+_STREAMS_BEFORE_SETTINGS: Final = 100
 
 
 # h2 neither checks nor rewrites header blocks: `_request_fields` and `_head` do, per
@@ -158,6 +161,7 @@ class H2ClientConnection:
         self._failure: Exception | None = None
         self._goaway_last: int | None = None
         self._closed = False
+        self._settings_received = False
 
     # -- state ---------------------------------------------------------------------
 
@@ -192,6 +196,8 @@ class H2ClientConnection:
 
     def _slot_free(self) -> bool:
         limit = self._h2.remote_settings.max_concurrent_streams
+        if not self._settings_received:
+            limit = min(limit, _STREAMS_BEFORE_SETTINGS)
         return self._h2.open_outbound_streams < limit
 
     # -- IO ------------------------------------------------------------------------
@@ -306,6 +312,8 @@ class H2ClientConnection:
                     exchange.error = _reset_error(event, self.peer)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._on_goaway(event)
+            elif isinstance(event, h2.events.RemoteSettingsChanged):
+                self._settings_received = True
         # After every event (a GOAWAY later in the same read may have closed h2's
         # connection state, or reopened it): reset what is still open.
         for sid in malformed:

@@ -45,6 +45,9 @@ IDENTITY_ENV = "OVERLAY_HTTPX_IDENTITY"
 BIND_ENV = "OVERLAY_HTTPX_BIND"
 RENDEZVOUS_ENV = "OVERLAY_HTTPX_RENDEZVOUS"
 _MAX_CANDIDATES = 3  # nodes of one tag tried for a request before giving up
+#: the largest request body sent while the tunnel's handshake is still under way
+#: (one DATA frame, far within the peer's first windows and the stream's buffer)
+_EARLY_BODY = 16384
 
 
 class Resolver(Protocol):
@@ -262,7 +265,10 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         for i in range(tries):
             address = addresses[(start + i) % len(addresses)]
             try:
-                return await self._connection(request, address, port)
+                conn = await self._connection(request, address, port)
+                if tries > 1:  # a failed handshake moves on to the next candidate: wait here
+                    await self._established(request, conn)
+                return conn
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 if isinstance(self._resolver, NodeResolver):
                     self._resolver.failed(address)
@@ -293,7 +299,8 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 map_errors("connect", request, what),
                 anyio.fail_after(_timeout(request, "connect")),
             ):
-                stream = await node.connect(address, port)
+                # The handshake goes on while the request is made (see `_exchange`).
+                stream = await node.connect(address, port, wait=False)
                 conn = H2ClientConnection(
                     stream,
                     authority=request.url.netloc.decode("ascii"),
@@ -322,18 +329,41 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         if not conn.usable:
             await self._retire(conn)
 
+    async def _established(self, request: httpx.Request, conn: H2ClientConnection) -> None:
+        """Wait for the handshake of a new connection's tunnel, within the connect timeout."""
+        stream = conn.overlay_stream
+        if stream.established:
+            return
+        try:
+            with (
+                map_errors("connect", request, f"{conn.peer} port {stream.port}"),
+                anyio.fail_after(_timeout(request, "connect")),
+            ):
+                await stream.wait_established()
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if isinstance(self._resolver, NodeResolver):
+                self._resolver.failed(conn.peer)
+            raise
+
     async def _exchange(self, request: httpx.Request, conn: H2ClientConnection) -> httpx.Response:
         what = f"{conn.peer} port {conn.overlay_stream.port}"
         target = request.url.raw_path
+        body = request.stream
         has_body = not (
-            isinstance(request.stream, httpx.ByteStream)
+            isinstance(body, httpx.ByteStream)
             and request.headers.get("content-length") in (None, "0")
         )
+        # On a tunnel still in its handshake, the request is made during the round
+        # trip and leaves with the keys. A body that may have to wait for flow
+        # control waits for the handshake first: its failure is a connect error.
+        early = not conn.overlay_stream.established
         with map_errors("pool", request, what), _deadline(conn.can_open, request, "pool"):
             sid = await conn.open(
                 request.method.encode(), target, request.headers.raw, has_body=has_body
             )
         try:
+            if early and has_body and not _fits_early(body):
+                await self._established(request, conn)
             if has_body:
                 with map_errors("write", request, what):
                     body = request.stream
@@ -343,6 +373,8 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                     else:
                         async with aclosing(_chunks(request)) as chunks:
                             await conn.send_body(sid, chunks, _timeout(request, "write"))
+            if early:
+                await self._established(request, conn)
             with map_errors("read", request, what), anyio.fail_after(_timeout(request, "read")):
                 head = await conn.receive_head(sid)
         except BaseException:
@@ -368,6 +400,12 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             stream=_Body(self, conn, sid, request),
             extensions=extensions,
         )
+
+
+def _fits_early(body: object) -> bool:
+    """A request body small enough to send before the handshake ends: known in
+    full and within the first flow-control windows, so sending it cannot wait."""
+    return isinstance(body, httpx.ByteStream) and sum(map(len, body)) <= _EARLY_BODY
 
 
 async def _chunks(request: httpx.Request) -> AsyncGenerator[bytes, None]:

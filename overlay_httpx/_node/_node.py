@@ -447,13 +447,21 @@ class Node:
 
     # -- streams -------------------------------------------------------------------------------
 
-    async def connect(self, address: Address | str, port: int = 80) -> OverlayStream:
+    async def connect(
+        self, address: Address | str, port: int = 80, *, wait: bool = True
+    ) -> OverlayStream:
         """A new stream to `port` on the node at `address`.
 
         The first stream to a peer makes the tunnel (one handshake round trip,
         shared by concurrent callers); later streams reuse it and cost no round
         trip. A refused port shows as `PortUnreachable` on the stream's first
         `receive` or `send` after the peer's answer, one round trip later.
+
+        With ``wait=False`` the stream comes back as soon as the handshake is
+        under way: what is sent on it waits in the tunnel and leaves the moment
+        the keys exist, so a caller can make its first message during the round
+        trip. `OverlayStream.wait_established` then reports how the handshake
+        ended (a failed one also fails the stream, as `TunnelClosed`).
         """
         endpoint = self._check_running()
         addr = _as_address(address)
@@ -470,7 +478,7 @@ class Node:
                     tunnel.retry_handshake(self._clock())
                     self._rv.watch(tunnel, record)
                 self._flush()
-            if tunnel.is_established:
+            if tunnel.is_established or not wait:
                 break
             await self._router.wait_handshake(key, addr, port)
             self._check_running()

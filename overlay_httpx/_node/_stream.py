@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import ByteStream, Listener, TaskGroup
 
 from .._address import Address
-from .._exceptions import TunnelError
+from .._exceptions import TunnelClosed, TunnelError
 from .._identity import PublicIdentity
 from .._protocol._config import whole_number
 from .._protocol._events import ERROR_APPLICATION, ERROR_NO_ERROR
@@ -174,6 +174,31 @@ class OverlayStream(ByteStream):
     def broken(self) -> bool:
         """The tunnel or the peer ended the stream under us (closed, reset, restarted)."""
         return self._receive_error is not None or self._send_error is not None
+
+    @property
+    def established(self) -> bool:
+        """The stream's tunnel has its keys: what is sent leaves now (see `wait_established`)."""
+        return self._tunnel.is_established
+
+    async def wait_established(self) -> None:
+        """Return once the stream's tunnel has its keys (at once if it had them).
+
+        For a stream from ``Node.connect(..., wait=False)``: raises
+        `HandshakeTimeout` or `TrustRefused` as `connect` would have, or the
+        error the stream already failed with.
+        """
+        tunnel = self._tunnel
+        while not tunnel.is_established:
+            error = self._receive_error or self._send_error
+            if error is not None:
+                raise error
+            if self._closed or tunnel.is_closed:
+                raise TunnelClosed(
+                    f"the tunnel to {self._peer_address} closed before its handshake finished",
+                    address=self._peer_address,
+                    port=self._port,
+                )
+            await self._node._router.wait_handshake(tunnel.peer, self._peer_address, self._port)
 
     @property
     def _finished(self) -> bool:

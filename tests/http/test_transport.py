@@ -187,18 +187,52 @@ async def test_write_timeout(overlay_app_client) -> None:  # type: ignore[no-unt
         await client.post("/never-reads", content=data, timeout=httpx.Timeout(5, write=0.3))
 
 
-async def test_connect_timeout_on_a_dead_peer() -> None:
+@pytest.mark.parametrize(
+    "body",
+    [None, b"small: made during the handshake", b"x" * (1 << 20)],
+    ids=["no body", "small body", "1 MiB body"],
+)
+@pytest.mark.parametrize("handshake_timeout", [10, 0.3], ids=["connect timeout", "handshake"])
+async def test_connect_timeout_on_a_dead_peer(body: bytes | None, handshake_timeout: float) -> None:
+    """Whether the request was made during the handshake (small or no body) or waits
+    for it (a body that could wait for flow control), a peer that never answers is
+    a ConnectTimeout: our connect timeout, or the tunnel's handshake timeout."""
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
     try:
-        async with Node(Identity.generate(), handshake_timeout=10) as node:
+        async with Node(Identity.generate(), handshake_timeout=handshake_timeout) as node:
             ghost = Address.parse("1:0001.0000.0099")
             node.add_peer(ghost, Identity.generate().public, silent.getsockname())
             async with httpx.AsyncClient(transport=OverlayTransport(node)) as client:
-                with pytest.raises(httpx.ConnectTimeout):
-                    await client.get(f"http://{ghost.host}/", timeout=httpx.Timeout(5, connect=0.3))
+                with anyio.fail_after(3), pytest.raises(httpx.ConnectTimeout) as info:
+                    await client.post(
+                        f"http://{ghost.host}/",
+                        content=body,
+                        timeout=httpx.Timeout(5, connect=1 if handshake_timeout < 1 else 0.3),
+                    )
+                if handshake_timeout < 1:
+                    assert "no handshake answer from 1:0001.0000.0099" in str(info.value)
+                else:
+                    assert str(info.value) == "connect timeout (1:0001.0000.0099 port 80)"
+                # Nothing of the failed connection is left to trip the next request.
+                transport = client._transport
+                assert isinstance(transport, OverlayTransport)
+                assert all(c.usable for c in transport._connections.values())
     finally:
         silent.close()
+
+
+async def test_a_refused_handshake_is_a_connect_error_for_a_request_made_during_it(
+    overlay_node_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    server = await overlay_node_factory(trust=lambda identity, address: False)
+    client_node = await overlay_node_factory()
+    async with anyio.create_task_group() as tg:
+        await tg.start(functools.partial(serve, make_app(), server))
+        async with httpx.AsyncClient(transport=OverlayTransport(client_node)) as client:
+            with anyio.fail_after(5), pytest.raises(httpx.ConnectError, match="refused"):
+                await client.post(f"http://{server.address.host}/v1/completions", json={})
+        tg.cancel_scope.cancel()
 
 
 async def test_pool_timeout_when_streams_are_exhausted(
