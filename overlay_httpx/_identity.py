@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from ._address import Address
 from ._exceptions import (
     IdentityCorrupt,
     IdentityExists,
@@ -36,7 +37,7 @@ from ._exceptions import (
     IdentityNotFound,
 )
 
-__all__ = ["Identity", "PublicIdentity"]
+__all__ = ["Identity", "PublicIdentity", "default_address"]
 
 KEY_SIZE: Final = 32
 _PUBLIC_PREFIX: Final = "ovid1_"
@@ -168,6 +169,18 @@ class PublicIdentity:
 
     def __reduce__(self) -> tuple[type[PublicIdentity], tuple[bytes, bytes]]:
         return (PublicIdentity, (self.x25519, self.ed25519))
+
+
+_ADDRESS_DOMAIN: Final = b"overlay_httpx address v1"
+
+
+def default_address(identity: PublicIdentity, network: int = 1) -> Address:
+    """The address a node takes when none is given: derived from its key, so stable."""
+    digest = hashlib.sha256(_ADDRESS_DOMAIN + identity.x25519).digest()
+    node = int.from_bytes(digest[:4], "big")
+    if node in (0, 0xFFFF_FFFF):  # reserved: unspecified and broadcast
+        node = 1
+    return Address(network, node)
 
 
 def _b64(data: bytes) -> str:

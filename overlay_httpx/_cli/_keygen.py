@@ -12,8 +12,7 @@ from pathlib import Path
 
 from .._exceptions import IdentityError, IdentityExists
 from .._http._transport import IDENTITY_ENV, default_identity_path
-from .._identity import Identity
-from .._node._node import default_address
+from .._identity import Identity, default_address
 from ._common import command_parser
 from ._errors import CliError
 

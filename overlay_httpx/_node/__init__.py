@@ -1,6 +1,8 @@
 """The IO half: `Node` drives the sans-IO tunnels on a real UDP socket (asyncio or trio)."""
 
-from ._node import Node, NodeStatistics, PeerInfo, default_address
+from .._identity import default_address
+from ._node import Node, PeerInfo
+from ._stats import NodeStatistics
 from ._stream import OverlayAttribute, OverlayListener, OverlayStream
 from ._trust import TrustPolicy
 

@@ -26,7 +26,7 @@ from .._exceptions import (
     RendezvousUnavailable,
     UnknownPeer,
 )
-from .._identity import PublicIdentity
+from .._identity import PublicIdentity, default_address
 from .._protocol._endpoint import TrustCallback
 from ._trust import TrustPolicy
 from ._udp import Addr
@@ -152,8 +152,6 @@ class PeerBook:
 
     def _address_status(self, identity: PublicIdentity, address: Address) -> str:
         """ "proven", "false" (another key owns it), "pending" (being asked) or "unverified"."""
-        from ._node import default_address
-
         if default_address(identity, address.network) == address:
             return "proven"
         known = self.static.get(address)

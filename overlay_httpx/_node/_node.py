@@ -11,14 +11,12 @@ ever waits in a queue of ours.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
@@ -31,15 +29,15 @@ from .._exceptions import (
     PortInUse,
     RendezvousUnavailable,
 )
-from .._identity import Identity, PublicIdentity
+from .._identity import Identity, PublicIdentity, default_address
 from .._protocol._config import MAX_DATAGRAM_SIZE, MIN_DATAGRAM_SIZE, TunnelConfig
 from .._protocol._endpoint import Endpoint, TrustCallback
-from .._protocol._stats import TunnelStatistics
 from .._protocol._tunnel import Tunnel
 from ._discovery import PeerBook, PeerInfo, check_tags, make_client
 from ._discovery import network_key as make_network_key
 from ._idle import IdleWork
 from ._router import Router
+from ._stats import NodeStatistics
 from ._stream import OverlayListener, OverlayStream, Path, Waiter, waiter_factory
 from ._trust import TrustPolicy
 from ._udp import DEFAULT_BUFFER_BYTES, Addr, UdpSocket, loop_clock, parse_endpoint
@@ -53,42 +51,6 @@ __all__ = ["Node", "NodeStatistics", "PeerInfo"]
 logger = logging.getLogger("overlay_httpx")
 
 _LOOPBACK_DATAGRAM_SIZE: Final = MAX_DATAGRAM_SIZE
-_ADDRESS_DOMAIN: Final = b"overlay_httpx address v1"
-
-
-@dataclass(frozen=True, slots=True)
-class NodeStatistics:
-    """A node at one instant (trio's `statistics()` convention: an immutable snapshot)."""
-
-    address: Address
-    endpoint: Addr
-    receive_buffer: int
-    """SO_RCVBUF as granted by the kernel (Linux reports twice the usable size)."""
-    send_buffer: int
-    max_datagram_size: int
-    tunnels: tuple[TunnelStatistics, ...]
-    streams: int
-    listeners: tuple[int, ...]
-    datagrams_received: int
-    datagrams_sent: int
-    drops: dict[str, int]
-    """Datagrams dropped before reaching a tunnel, by reason."""
-    send_errors: dict[str, int]
-    """Datagrams the kernel refused to send, by errno name (treated as loss)."""
-    rendezvous: str | None = None
-    registered: bool = False
-    observed_endpoint: Addr | None = None
-    """Our UDP endpoint as the rendezvous sees it (after any NAT)."""
-    relayed_tunnels: int = 0
-
-
-def default_address(identity: PublicIdentity, network: int = 1) -> Address:
-    """The address a node takes when none is given: derived from its key, so stable."""
-    digest = hashlib.sha256(_ADDRESS_DOMAIN + identity.x25519).digest()
-    node = int.from_bytes(digest[:4], "big")
-    if node in (0, 0xFFFF_FFFF):  # reserved: unspecified and broadcast
-        node = 1
-    return Address(network, node)
 
 
 def _as_address(value: Address | str) -> Address:

@@ -33,8 +33,8 @@ from .._exceptions import (
     RegistryError,
     RegistryProtocolError,
 )
-from .._identity import Identity, PublicIdentity
-from .._node._node import Node, default_address
+from .._identity import Identity, PublicIdentity, default_address
+from .._node._node import Node
 from .._node._stream import OverlayAttribute, OverlayStream
 from .._protocol._bucket import TokenBucket
 from .._protocol._packet import RELAY_OVERHEAD, relay_unwrap, relay_wrap
