@@ -246,22 +246,24 @@ class H2ClientConnection:
             if self._reading or done():
                 continue
             self._reading = True
+            data = b""
             try:
                 data = await self._stream.receive(_RECEIVE_SIZE)
             except anyio.EndOfStream:
                 self._fail(ConnectionLost(f"{self.peer} closed the HTTP/2 connection"))
-                data = b""
             except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 self._fail(exc)
-                data = b""
             finally:
                 self._reading = False
-            try:
-                if data:
-                    self._feed(data)
-            finally:  # waiters must never be stranded, whatever `_feed` raises
-                progress, self._progress = self._progress, anyio.Event()
-                progress.set()
+                # Waiters must never be stranded: not by what `_feed` raises, and not
+                # when this reader is cancelled (its timeout, or its caller's), which
+                # leaves the reading to one of them.
+                try:
+                    if data:
+                        self._feed(data)
+                finally:
+                    progress, self._progress = self._progress, anyio.Event()
+                    progress.set()
 
     def _fail(self, error: Exception) -> None:
         """The connection is gone; each open exchange fails, or is marked retryable when
@@ -335,6 +337,23 @@ class H2ClientConnection:
                 exchange.error = Refused(f"{self.peer} is going away ({code}); request not begun")
             elif event.error_code and exchange.error is None and not exchange.ended:
                 exchange.error = ConnectionLost(f"{self.peer} ended the connection: {code}")
+
+    @property
+    def abandoned(self) -> Refused | None:
+        """Why `abandon` gave the connection up (None if it did not)."""
+        return self._failure if isinstance(self._failure, Refused) else None
+
+    def abandon(self, reason: str) -> None:
+        """Give the connection up before any of its bytes left (its tunnel's handshake
+        is still under way): they are dropped, so none ever reaches the server, and
+        each request on it fails as not begun (`Refused`)."""
+        self._fail(Refused(f"{self.peer}: {reason}; request not begun"))
+        self._outgoing.clear()
+        self._stream.reset()
+
+    def can_send_now(self, sid: int, size: int) -> bool:
+        """`size` body bytes on stream `sid` fit the flow-control windows as they are."""
+        return size <= self._h2.local_flow_control_window(sid)
 
     # -- requests -------------------------------------------------------------------
 

@@ -340,7 +340,12 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 anyio.fail_after(_timeout(request, "connect")),
             ):
                 await stream.wait_established()
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            abandoned = conn.abandoned
+            if abandoned is not None and isinstance(exc.__cause__, anyio.ClosedResourceError):
+                # Another request's failure gave the connection up while its handshake
+                # went on: this one was never sent, and may go on a fresh connection.
+                raise abandoned from None
             if isinstance(self._resolver, NodeResolver):
                 self._resolver.failed(conn.peer)
             raise
@@ -354,15 +359,20 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             and request.headers.get("content-length") in (None, "0")
         )
         # On a tunnel still in its handshake, the request is made during the round
-        # trip and leaves with the keys. A body that may have to wait for flow
+        # trip and leaves with the keys. A body that might have to wait for flow
         # control waits for the handshake first: its failure is a connect error.
         early = not conn.overlay_stream.established
-        with map_errors("pool", request, what), _deadline(conn.can_open, request, "pool"):
-            sid = await conn.open(
-                request.method.encode(), target, request.headers.raw, has_body=has_body
-            )
         try:
-            if early and has_body and not _fits_early(body):
+            with map_errors("pool", request, what), _deadline(conn.can_open, request, "pool"):
+                sid = await conn.open(
+                    request.method.encode(), target, request.headers.raw, has_body=has_body
+                )
+        except Refused:
+            if early:  # the connection failed before it began: a failed handshake says why
+                await self._established(request, conn)
+            raise
+        try:
+            if early and has_body and not _fits_early(body, conn, sid):
                 await self._established(request, conn)
             if has_body:
                 with map_errors("write", request, what):
@@ -379,6 +389,12 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 head = await conn.receive_head(sid)
         except BaseException:
             with anyio.CancelScope(shield=True):
+                stream = conn.overlay_stream
+                if early and not stream.established and not stream.broken:
+                    # Given up (a timeout, a cancel) while the handshake goes on: nothing
+                    # has left yet, and nothing may leave later (a connect error means
+                    # "not sent"). A failed handshake has left nothing to give up.
+                    conn.abandon("the connection was given up during its handshake")
                 await conn.finish(sid)
                 await self._release(conn)
             raise
@@ -402,10 +418,14 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         )
 
 
-def _fits_early(body: object) -> bool:
-    """A request body small enough to send before the handshake ends: known in
-    full and within the first flow-control windows, so sending it cannot wait."""
-    return isinstance(body, httpx.ByteStream) and sum(map(len, body)) <= _EARLY_BODY
+def _fits_early(body: object, conn: H2ClientConnection, sid: int) -> bool:
+    """A request body to send before the handshake ends: known in full, small, and
+    within the flow-control windows left now (requests share the connection's),
+    so sending it cannot wait."""
+    if not isinstance(body, httpx.ByteStream):
+        return False
+    size = sum(map(len, body))
+    return size <= _EARLY_BODY and conn.can_send_now(sid, size)
 
 
 async def _chunks(request: httpx.Request) -> AsyncGenerator[bytes, None]:

@@ -91,6 +91,16 @@ class Router:
             handshake.message = message
             handshake.done.set()
 
+    def _handshake_failed(self, key: bytes, error: type[TunnelError], message: str) -> None:
+        """Waiting connects fail, and so will `wait_established` on the streams opened
+        early on that tunnel (their `TunnelClosed` follows)."""
+        self.finish_handshake(key, error, message)
+        for stream in self.peer_streams(key):
+            if not stream.broken:
+                stream._handshake_error = error(
+                    message, address=stream.peer_address, port=stream.port
+                )
+
     def process(self, endpoint: Endpoint) -> None:
         """Act on every event the endpoint has queued."""
         if not endpoint.events:
@@ -135,9 +145,9 @@ class Router:
                 logger.debug("handshake with %s failed: %s", event.peer.hex()[:16], event.reason)
                 if event.refused:
                     text = f"{self._name(event.peer)} {event.reason}"
-                    self.finish_handshake(event.peer, TrustRefused, text)
+                    self._handshake_failed(event.peer, TrustRefused, text)
                 else:
-                    self.finish_handshake(event.peer, HandshakeTimeout, self._timeout_text(event))
+                    self._handshake_failed(event.peer, HandshakeTimeout, self._timeout_text(event))
             elif isinstance(event, ev.PathChanged):
                 logger.debug(
                     "path to %s moved from %s:%s to %s:%s",

@@ -144,6 +144,7 @@ class OverlayStream(ByteStream):
         self._receive_guard = anyio.ResourceGuard("reading from")
         self._send_guard = anyio.ResourceGuard("writing to")
         self._sending = False  # a `send` is under way (`try_send` then declines)
+        self._handshake_error: TunnelError | None = None  # how an early stream's handshake failed
 
     # -- what the node calls --------------------------------------------------------------
 
@@ -184,15 +185,21 @@ class OverlayStream(ByteStream):
         """Return once the stream's tunnel has its keys (at once if it had them).
 
         For a stream from ``Node.connect(..., wait=False)``: raises
-        `HandshakeTimeout` or `TrustRefused` as `connect` would have, or the
-        error the stream already failed with.
+        `HandshakeTimeout` or `TrustRefused` as `connect` would have, also
+        when called after the handshake failed; `anyio.ClosedResourceError` if
+        the stream was closed or reset here first; otherwise the error the
+        stream failed with (`TunnelClosed`, ...).
         """
         tunnel = self._tunnel
         while not tunnel.is_established:
+            if self._handshake_error is not None:
+                raise self._handshake_error
+            if self._closed:
+                raise anyio.ClosedResourceError
             error = self._receive_error or self._send_error
             if error is not None:
                 raise error
-            if self._closed or tunnel.is_closed:
+            if tunnel.is_closed:
                 raise TunnelClosed(
                     f"the tunnel to {self._peer_address} closed before its handshake finished",
                     address=self._peer_address,

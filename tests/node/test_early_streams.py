@@ -72,11 +72,32 @@ async def test_a_handshake_that_times_out_fails_the_wait_and_the_stream() -> Non
                 await stream.wait_established()
             assert "1:0001.0000.0042" in str(info.value)
             assert info.value.port == 80
-            # The stream failed with its tunnel, and a later wait says so at once.
+            # The stream failed with its tunnel, and a later wait says how, at once.
             with pytest.raises(TunnelClosed, match="handshake timed out"):
                 await stream.receive()
-            with anyio.fail_after(1), pytest.raises(TunnelClosed, match="handshake timed out"):
+            with anyio.fail_after(1), pytest.raises(HandshakeTimeout, match="42"):
                 await stream.wait_established()
+            await stream.aclose()  # closing it here changes nothing about how it ended
+            with pytest.raises(HandshakeTimeout):
+                await stream.wait_established()
+    finally:
+        silent.close()
+
+
+async def test_a_stream_closed_before_its_handshake_ends_is_a_closed_resource() -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        async with Node(Identity.generate(), handshake_timeout=10) as a:
+            address = Address.parse("1:0001.0000.0042")
+            a.add_peer(address, Identity.generate().public, silent.getsockname())
+            stream = await a.connect(address, 80, wait=False)
+            other = await a.connect(address, 80, wait=False)
+            await stream.aclose()
+            with anyio.fail_after(1), pytest.raises(anyio.ClosedResourceError):
+                await stream.wait_established()
+            assert not other.established  # the handshake goes on
+            assert not other.broken
     finally:
         silent.close()
 
@@ -88,3 +109,5 @@ async def test_a_refused_handshake_fails_the_wait_as_trust_refused() -> None:
         with anyio.fail_after(5), pytest.raises(TrustRefused):
             await stream.wait_established()
         assert stream.broken
+        with pytest.raises(TrustRefused):  # and again, after the fact
+            await stream.wait_established()
