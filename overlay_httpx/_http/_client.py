@@ -37,7 +37,14 @@ from .._identity import PublicIdentity
 from .._node import OverlayAttribute, OverlayStream
 from ._errors import InvalidRequestHeader, MalformedResponse, ServerResetStream
 
-__all__ = ["ConnectionLost", "H2ClientConnection", "Refused", "ResponseHead", "prepare_connection"]
+__all__ = [
+    "Abandoned",
+    "ConnectionLost",
+    "H2ClientConnection",
+    "Refused",
+    "ResponseHead",
+    "prepare_connection",
+]
 
 logger = logging.getLogger("overlay_httpx")
 
@@ -109,6 +116,11 @@ class ConnectionLost(Exception):
 
 class Refused(Exception):
     """The server did not begin this request (GOAWAY past it, or REFUSED_STREAM): retryable."""
+
+
+class Abandoned(Refused):
+    """We gave the connection up before any of its bytes left (`abandon`): the request
+    was never sent and its body never read, so it may simply go on another connection."""
 
 
 class ResponseHead:
@@ -339,15 +351,15 @@ class H2ClientConnection:
                 exchange.error = ConnectionLost(f"{self.peer} ended the connection: {code}")
 
     @property
-    def abandoned(self) -> Refused | None:
+    def abandoned(self) -> Abandoned | None:
         """Why `abandon` gave the connection up (None if it did not)."""
-        return self._failure if isinstance(self._failure, Refused) else None
+        return self._failure if isinstance(self._failure, Abandoned) else None
 
     def abandon(self, reason: str) -> None:
         """Give the connection up before any of its bytes left (its tunnel's handshake
         is still under way): they are dropped, so none ever reaches the server, and
-        each request on it fails as not begun (`Refused`)."""
-        self._fail(Refused(f"{self.peer}: {reason}; request not begun"))
+        each request on it fails as never sent (`Abandoned`)."""
+        self._fail(Abandoned(f"{self.peer}: {reason}; request not sent"))
         self._outgoing.clear()
         self._stream.reset()
 
@@ -521,10 +533,13 @@ class H2ClientConnection:
             await self._flush()
 
     async def aclose(self) -> None:
-        """Say GOAWAY and close the overlay stream."""
+        """Say GOAWAY and close the overlay stream (during its tunnel's handshake:
+        drop what waits for the keys instead, so that nothing leaves after this)."""
         if self._closed:
             return
         self._closed = True
+        if not self._stream.established and not self._stream.broken:
+            self.abandon("the connection was closed during its handshake")
         with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
             if self._failure is None:
                 try:

@@ -30,7 +30,7 @@ from .._address import Address
 from .._exceptions import LocalProtocolError
 from .._identity import Identity
 from .._node import Node, OverlayAttribute
-from ._client import H2ClientConnection, Refused, prepare_connection
+from ._client import Abandoned, H2ClientConnection, Refused, prepare_connection
 from ._errors import Phase, map_errors
 from ._resolver import NodeResolver
 
@@ -48,6 +48,8 @@ _MAX_CANDIDATES = 3  # nodes of one tag tried for a request before giving up
 #: the largest request body sent while the tunnel's handshake is still under way
 #: (one DATA frame, far within the peer's first windows and the stream's buffer)
 _EARLY_BODY = 16384
+#: new connections a request may move to when others give theirs up in the handshake
+_MAX_MOVES = 8
 
 
 class Resolver(Protocol):
@@ -242,20 +244,29 @@ class OverlayTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"no live overlay node serves {host}", request=request)
         replayable = isinstance(request.stream, httpx.ByteStream)
         attempts = 1 + (self._retries if replayable else 0)
-        for attempt in range(attempts):
+        attempt = moved = 0
+        while True:
             conn = await self._first_connection(request, addresses, attempt, port)
             try:
                 response = await self._exchange(request, conn)
+            except Abandoned as exc:
+                # Another request gave the new connection up during its handshake;
+                # this one never left and its body was never read: it moves to a
+                # fresh connection, which is no retry (the server saw nothing).
+                await self._retire(conn)
+                moved += 1
+                if moved > _MAX_MOVES:
+                    raise httpx.ConnectError(str(exc), request=request) from exc
             except Refused as exc:
                 await self._retire(conn)
-                if attempt + 1 >= attempts:
+                attempt += 1
+                if attempt >= attempts:
                     raise httpx.RemoteProtocolError(str(exc), request=request) from exc
             else:
                 # How many times the request went out: > 1 only for requests the
                 # server refused before beginning them (GOAWAY, REFUSED_STREAM).
                 response.extensions["overlay"]["attempts"] = attempt + 1
                 return response
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _first_connection(
         self, request: httpx.Request, addresses: Sequence[Address], start: int, port: int
@@ -346,6 +357,8 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 # Another request's failure gave the connection up while its handshake
                 # went on: this one was never sent, and may go on a fresh connection.
                 raise abandoned from None
+            if stream.established:
+                return  # the keys came as the deadline passed: the request has left
             if isinstance(self._resolver, NodeResolver):
                 self._resolver.failed(conn.peer)
             raise

@@ -187,8 +187,8 @@ class OverlayStream(ByteStream):
         For a stream from ``Node.connect(..., wait=False)``: raises
         `HandshakeTimeout` or `TrustRefused` as `connect` would have, also
         when called after the handshake failed; `anyio.ClosedResourceError` if
-        the stream was closed or reset here first; otherwise the error the
-        stream failed with (`TunnelClosed`, ...).
+        the stream was closed or reset here (before or during the wait);
+        otherwise the error the stream failed with (`TunnelClosed`, ...).
         """
         tunnel = self._tunnel
         while not tunnel.is_established:
@@ -206,6 +206,8 @@ class OverlayStream(ByteStream):
                     port=self._port,
                 )
             await self._node._router.wait_handshake(tunnel.peer, self._peer_address, self._port)
+        if self._closed:  # closed here while the handshake went on
+            raise anyio.ClosedResourceError
 
     @property
     def _finished(self) -> bool:

@@ -9,6 +9,7 @@ handshake's error.
 from __future__ import annotations
 
 import collections
+import functools
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,7 +17,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from overlay_httpx import Address, Identity, Node, OverlayTransport, serve
 from overlay_httpx._identity import default_address
@@ -28,8 +29,8 @@ def _recording_app(hits: list[str]) -> FastAPI:
     app = FastAPI()
 
     @app.post("/charge")
-    async def charge(body: dict[str, str]) -> dict[str, bool]:
-        hits.append(body["who"])
+    async def charge(who: str) -> dict[str, bool]:
+        hits.append(who)  # on entry, the body unread: a request begun at all is seen
         return {"ok": True}
 
     return app
@@ -49,44 +50,138 @@ async def _silent_peer(client: Node, identity: Identity | None = None) -> AsyncI
         silent.close()
 
 
+class _LatePeer:
+    """A peer that does not answer at first, then comes up where the client's
+    handshake retries go: requests made meanwhile wait in the tunnel for the keys."""
+
+    def __init__(self, client: Node, app: FastAPI) -> None:
+        self._identity = Identity.generate()
+        self._app = app
+        self._silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._silent.bind(("127.0.0.1", 0))
+        self.address = default_address(self._identity.public)
+        client.add_peer(self.address, self._identity.public, self._silent.getsockname())
+
+    @asynccontextmanager
+    async def up(self) -> AsyncIterator[None]:
+        port = self._silent.getsockname()[1]
+        self._silent.close()
+        async with (
+            Node(self._identity, bind=f"127.0.0.1:{port}") as server,
+            anyio.create_task_group() as tg,
+        ):
+            await tg.start(serve, self._app, server)
+            yield
+            tg.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("how", ["connect timeout", "cancelled"])
 async def test_a_request_given_up_during_the_handshake_never_reaches_the_server(how: str) -> None:
     """The request waits in the tunnel for the keys; once given up it must never leave,
     even if the server answers a later retry of the same handshake."""
     hits: list[str] = []
-    server_identity = Identity.generate()
     async with Node(Identity.generate(), handshake_timeout=10) as client_node:
+        peer = _LatePeer(client_node, _recording_app(hits))
         transport = OverlayTransport(client_node)
         async with httpx.AsyncClient(transport=transport) as client:
-            silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            silent.bind(("127.0.0.1", 0))
-            port = silent.getsockname()[1]
-            address = default_address(server_identity.public)
-            client_node.add_peer(address, server_identity.public, ("127.0.0.1", port))
-            url = f"http://{address.host}/charge"
+            url = f"http://{peer.address.host}/charge"
             if how == "cancelled":
                 with anyio.move_on_after(0.3) as scope:
-                    await client.post(url, json={"who": "given up"})
+                    await client.post(url, params={"who": "given up"}, json={})
                 assert scope.cancelled_caught
             else:
                 with pytest.raises(httpx.ConnectTimeout):
                     await client.post(
-                        url, json={"who": "given up"}, timeout=httpx.Timeout(5, connect=0.3)
+                        url,
+                        params={"who": "given up"},
+                        json={},
+                        timeout=httpx.Timeout(5, connect=0.3),
                     )
             assert not transport._connections  # the connection went with it
-            silent.close()
-            # The server comes up where the client's handshake retries go.
-            async with (
-                Node(server_identity, bind=f"127.0.0.1:{port}") as server,
-                anyio.create_task_group() as tg,
-            ):
-                await tg.start(serve, _recording_app(hits), server)
+            async with peer.up():
                 with anyio.fail_after(5):  # the tunnel's next INIT reaches it
                     for who in ("second", "third"):
-                        r = await client.post(url, json={"who": who})
+                        r = await client.post(url, params={"who": who}, json={})
                         assert r.json() == {"ok": True}
                 assert hits == ["second", "third"]
-                tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("body", ["none", "streamed"])
+async def test_a_neighbour_given_up_in_the_handshake_costs_a_request_nothing(body: str) -> None:
+    """Two requests share a new connection; one is cancelled during the handshake, which
+    gives the connection up. The other was never sent either: it moves to a fresh
+    connection and succeeds, with no retries allowed and a body that cannot be replayed,
+    and the server sees it once."""
+    hits: list[str] = []
+    app = FastAPI()
+
+    @app.post("/up")
+    async def up(request: Request) -> dict[str, int]:
+        hits.append(f"up {len(await request.body())}")
+        return {"ok": 1}
+
+    @app.get("/get")
+    async def get() -> dict[str, int]:
+        hits.append("get")
+        return {"ok": 1}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 500
+
+    async with Node(Identity.generate(), handshake_timeout=10) as client_node:
+        peer = _LatePeer(client_node, app)
+        async with httpx.AsyncClient(
+            transport=OverlayTransport(client_node, retries=0),
+            base_url=f"http://{peer.address.host}",
+            timeout=10,
+        ) as client:
+            given_up, answered = anyio.Event(), anyio.Event()
+            answer: list[httpx.Response] = []
+
+            async def neighbour() -> None:
+                with anyio.move_on_after(0.3):
+                    await client.get("/get")
+                given_up.set()
+
+            async def request() -> None:
+                if body == "streamed":
+                    answer.append(await client.post("/up", content=chunks()))
+                else:
+                    answer.append(await client.get("/get"))
+                answered.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(neighbour)  # first: it makes the connection, ...
+                tg.start_soon(request)  # ... which this one shares
+                await given_up.wait()
+                async with peer.up():
+                    with anyio.fail_after(5):
+                        await answered.wait()
+            (response,) = answer
+            assert response.status_code == 200
+            assert response.extensions["overlay"]["attempts"] == 1
+            assert hits == (["up 2000"] if body == "streamed" else ["get"])
+
+
+async def test_closing_the_client_during_the_handshake_sends_nothing_later() -> None:
+    """The transport closes while a request waits for the keys, and its node lives on
+    (shared): what waited must not leave once the handshake completes."""
+    hits: list[str] = []
+    async with Node(Identity.generate(), handshake_timeout=10) as client_node:
+        peer = _LatePeer(client_node, _recording_app(hits))
+        client = httpx.AsyncClient(transport=OverlayTransport(client_node))
+        url = f"http://{peer.address.host}/charge"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(client.post, url, params={"who": "closed"}, json={}))
+            await anyio.wait_all_tasks_blocked()  # the request waits for the keys
+            await client.aclose()
+            tg.cancel_scope.cancel()
+        async with peer.up(), httpx.AsyncClient(transport=OverlayTransport(client_node)) as again:
+            with anyio.fail_after(5):
+                r = await again.post(url, params={"who": "again"}, json={})
+            assert r.status_code == 200
+            assert hits == ["again"]
 
 
 async def test_a_cancelled_reader_does_not_strand_the_responses_of_others(

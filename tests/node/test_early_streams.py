@@ -19,6 +19,7 @@ from overlay_httpx import (
     TrustRefused,
     TunnelClosed,
 )
+from overlay_httpx._identity import default_address
 
 pytestmark = pytest.mark.anyio
 
@@ -111,3 +112,40 @@ async def test_a_refused_handshake_fails_the_wait_as_trust_refused() -> None:
         assert stream.broken
         with pytest.raises(TrustRefused):  # and again, after the fact
             await stream.wait_established()
+
+
+async def test_a_wait_on_a_stream_closed_meanwhile_ends_closed_when_the_handshake_does() -> None:
+    """Closed or reset here while its handshake went on, a stream is no use once the
+    keys exist: a wait blocked before, or begun after, says so."""
+    b_identity = Identity.generate()
+    b_address = default_address(b_identity.public)
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    async with Node(Identity.generate(), handshake_timeout=10) as a:
+        a.add_peer(b_address, b_identity.public, ("127.0.0.1", port))
+        closed = await a.connect(b_address, 7, wait=False)
+        reset = await a.connect(b_address, 7, wait=False)
+        outcome: list[BaseException] = []
+
+        async def wait() -> None:
+            try:
+                await closed.wait_established()
+            except anyio.ClosedResourceError as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()  # waiting: the peer does not answer yet
+            assert not outcome
+            await closed.aclose()
+            reset.reset()
+            silent.close()  # the peer comes up where the handshake retries go
+            async with Node(b_identity, bind=f"127.0.0.1:{port}") as b:
+                listener = await b.listen(7)
+                with anyio.fail_after(5):
+                    await (await a.connect(b_address, 7)).aclose()  # the keys exist now
+                await listener.aclose()
+        assert len(outcome) == 1
+        with pytest.raises(anyio.ClosedResourceError):
+            await reset.wait_established()
