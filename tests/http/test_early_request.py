@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
@@ -48,6 +48,23 @@ async def _silent_peer(client: Node, identity: Identity | None = None) -> AsyncI
         yield address
     finally:
         silent.close()
+
+
+async def _failures(count: int, call: Callable[[], Awaitable[object]]) -> collections.Counter[str]:
+    """Run `call` `count` times at once (within 3 s); how many failed with which error."""
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    async def one() -> None:
+        try:
+            await call()
+        except httpx.HTTPError as exc:
+            outcomes[type(exc).__name__] += 1
+
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one)
+    return outcomes
 
 
 class _LatePeer:
@@ -242,22 +259,11 @@ async def test_bodies_past_the_shared_window_wait_for_the_handshake() -> None:
         _silent_peer(client_node) as ghost,
     ):
         timeout = httpx.Timeout(5, connect=0.3, write=2)
-        outcomes: collections.Counter[str] = collections.Counter()
         async with httpx.AsyncClient(
             transport=OverlayTransport(client_node), timeout=timeout
         ) as client:
-
-            async def post() -> None:
-                try:
-                    await client.post(f"http://{ghost.host}/", content=b"x" * 16384)
-                except httpx.HTTPError as exc:
-                    outcomes[type(exc).__name__] += 1
-
-            with anyio.fail_after(3):
-                async with anyio.create_task_group() as tg:
-                    for _ in range(6):
-                        tg.start_soon(post)
-    assert outcomes == {"ConnectTimeout": 6}
+            post = functools.partial(client.post, f"http://{ghost.host}/", content=b"x" * 16384)
+            assert await _failures(6, post) == {"ConnectTimeout": 6}
 
 
 @pytest.mark.parametrize("refuse", [False, True], ids=["dead peer", "refusing peer"])
@@ -265,7 +271,6 @@ async def test_requests_waiting_for_a_stream_slot_get_the_handshake_error(refuse
     """Until the server's SETTINGS arrive a connection takes 100 requests; the rest wait
     for a slot. When the handshake fails they fail as the others do, not as
     "refused by the server" (RemoteProtocolError), even with no retries."""
-    outcomes: collections.Counter[str] = collections.Counter()
     async with AsyncExitStack() as stack:
         client_node = await stack.enter_async_context(
             Node(Identity.generate(), handshake_timeout=0.3)
@@ -284,15 +289,5 @@ async def test_requests_waiting_for_a_stream_slot_get_the_handshake_error(refuse
                 timeout=httpx.Timeout(5, connect=1),
             )
         )
-
-        async def get() -> None:
-            try:
-                await client.get(f"http://{target.host}/")
-            except httpx.HTTPError as exc:
-                outcomes[type(exc).__name__] += 1
-
-        with anyio.fail_after(3):
-            async with anyio.create_task_group() as tg:
-                for _ in range(102):
-                    tg.start_soon(get)
+        outcomes = await _failures(102, functools.partial(client.get, f"http://{target.host}/"))
     assert outcomes == {("ConnectError" if refuse else "ConnectTimeout"): 102}

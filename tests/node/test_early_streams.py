@@ -4,14 +4,11 @@ reaches `wait_established` as `connect` would have raised it."""
 
 from __future__ import annotations
 
-import socket
-
 import anyio
 import pytest
-from _nodes import node_pair, receive_all, serve_echo
+from _nodes import node_pair, receive_all, serve_echo, silent_peer
 
 from overlay_httpx import (
-    Address,
     HandshakeTimeout,
     Identity,
     Node,
@@ -19,7 +16,6 @@ from overlay_httpx import (
     TrustRefused,
     TunnelClosed,
 )
-from overlay_httpx._identity import default_address
 
 pytestmark = pytest.mark.anyio
 
@@ -60,38 +56,28 @@ async def test_streams_opened_early_share_one_handshake_with_those_that_wait() -
 
 
 async def test_a_handshake_that_times_out_fails_the_wait_and_the_stream() -> None:
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    try:
-        async with Node(Identity.generate(), handshake_timeout=0.3) as a:
-            address = Address.parse("1:0001.0000.0042")
-            a.add_peer(address, Identity.generate().public, silent.getsockname())
+    async with Node(Identity.generate(), handshake_timeout=0.3) as a:
+        with silent_peer(a) as (address, _):
             with anyio.fail_after(1):
                 stream = await a.connect(address, 80, wait=False)  # no wait for the answer
             stream.try_send(b"GET / HTTP/1.1\r\n\r\n")
             with anyio.fail_after(3), pytest.raises(HandshakeTimeout) as info:
                 await stream.wait_established()
-            assert "1:0001.0000.0042" in str(info.value)
+            assert str(address) in str(info.value)
             assert info.value.port == 80
             # The stream failed with its tunnel, and a later wait says how, at once.
             with pytest.raises(TunnelClosed, match="handshake timed out"):
                 await stream.receive()
-            with anyio.fail_after(1), pytest.raises(HandshakeTimeout, match="42"):
+            with anyio.fail_after(1), pytest.raises(HandshakeTimeout, match=str(address)):
                 await stream.wait_established()
             await stream.aclose()  # closing it here changes nothing about how it ended
             with pytest.raises(HandshakeTimeout):
                 await stream.wait_established()
-    finally:
-        silent.close()
 
 
 async def test_a_stream_closed_before_its_handshake_ends_is_a_closed_resource() -> None:
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    try:
-        async with Node(Identity.generate(), handshake_timeout=10) as a:
-            address = Address.parse("1:0001.0000.0042")
-            a.add_peer(address, Identity.generate().public, silent.getsockname())
+    async with Node(Identity.generate(), handshake_timeout=10) as a:
+        with silent_peer(a) as (address, _):
             stream = await a.connect(address, 80, wait=False)
             other = await a.connect(address, 80, wait=False)
             await stream.aclose()
@@ -99,8 +85,6 @@ async def test_a_stream_closed_before_its_handshake_ends_is_a_closed_resource() 
                 await stream.wait_established()
             assert not other.established  # the handshake goes on
             assert not other.broken
-    finally:
-        silent.close()
 
 
 async def test_a_refused_handshake_fails_the_wait_as_trust_refused() -> None:
@@ -118,14 +102,10 @@ async def test_a_wait_on_a_stream_closed_meanwhile_ends_closed_when_the_handshak
     """Closed or reset here while its handshake went on, a stream is no use once the
     keys exist: a wait blocked before, or begun after, says so."""
     b_identity = Identity.generate()
-    b_address = default_address(b_identity.public)
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    port = silent.getsockname()[1]
     async with Node(Identity.generate(), handshake_timeout=10) as a:
-        a.add_peer(b_address, b_identity.public, ("127.0.0.1", port))
-        closed = await a.connect(b_address, 7, wait=False)
-        reset = await a.connect(b_address, 7, wait=False)
+        with silent_peer(a, b_identity) as (b_address, port):
+            closed = await a.connect(b_address, 7, wait=False)
+            reset = await a.connect(b_address, 7, wait=False)
         outcome: list[BaseException] = []
 
         async def wait() -> None:
@@ -140,7 +120,7 @@ async def test_a_wait_on_a_stream_closed_meanwhile_ends_closed_when_the_handshak
             assert not outcome
             await closed.aclose()
             reset.reset()
-            silent.close()  # the peer comes up where the handshake retries go
+            # The peer comes up where the handshake retries go.
             async with Node(b_identity, bind=f"127.0.0.1:{port}") as b:
                 listener = await b.listen(7)
                 with anyio.fail_after(5):
