@@ -246,18 +246,20 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         attempts = 1 + (self._retries if replayable else 0)
         attempt = moved = 0
         while True:
-            conn = await self._first_connection(request, addresses, attempt, port)
+            conn: H2ClientConnection | None = None
             try:
+                conn = await self._first_connection(request, addresses, attempt, port)
                 response = await self._exchange(request, conn)
             except Abandoned as exc:
                 # Another request gave the new connection up during its handshake;
                 # this one never left and its body was never read: it moves to a
-                # fresh connection, which is no retry (the server saw nothing).
-                await self._retire(conn)
+                # fresh connection, which is no retry (the server saw nothing). (The
+                # one that gave it up took it out of the pool.)
                 moved += 1
                 if moved > _MAX_MOVES:
                     raise httpx.ConnectError(str(exc), request=request) from exc
             except Refused as exc:
+                assert conn is not None  # `_first_connection` raises only `Abandoned` of these
                 await self._retire(conn)
                 attempt += 1
                 if attempt >= attempts:

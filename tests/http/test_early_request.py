@@ -123,12 +123,26 @@ async def test_a_request_given_up_during_the_handshake_never_reaches_the_server(
                 assert hits == ["second", "third"]
 
 
-@pytest.mark.parametrize("body", ["none", "streamed"])
+class _TwoCandidates:
+    """Resolves ``both.overlay`` to two candidates (the same node twice): a request to it
+    waits for the handshake before it is made, to move on if that fails."""
+
+    def __init__(self, address: Address) -> None:
+        self._address = address
+
+    async def resolve(self, host: str) -> list[Address]:
+        if host == "both.overlay":
+            return [self._address, self._address]
+        return [Address.from_host(host)]
+
+
+@pytest.mark.parametrize("body", ["none", "streamed", "by name"])
 async def test_a_neighbour_given_up_in_the_handshake_costs_a_request_nothing(body: str) -> None:
     """Two requests share a new connection; one is cancelled during the handshake, which
     gives the connection up. The other was never sent either: it moves to a fresh
-    connection and succeeds, with no retries allowed and a body that cannot be replayed,
-    and the server sees it once."""
+    connection and succeeds, with no retries allowed, with a body that cannot be
+    replayed, or when it waits for the handshake before it is made (a host with
+    several candidates), and the server sees it once."""
     hits: list[str] = []
     app = FastAPI()
 
@@ -149,7 +163,9 @@ async def test_a_neighbour_given_up_in_the_handshake_costs_a_request_nothing(bod
     async with Node(Identity.generate(), handshake_timeout=10) as client_node:
         peer = _LatePeer(client_node, app)
         async with httpx.AsyncClient(
-            transport=OverlayTransport(client_node, retries=0),
+            transport=OverlayTransport(
+                client_node, retries=0, resolver=_TwoCandidates(peer.address)
+            ),
             base_url=f"http://{peer.address.host}",
             timeout=10,
         ) as client:
@@ -164,6 +180,8 @@ async def test_a_neighbour_given_up_in_the_handshake_costs_a_request_nothing(bod
             async def request() -> None:
                 if body == "streamed":
                     answer.append(await client.post("/up", content=chunks()))
+                elif body == "by name":
+                    answer.append(await client.get("http://both.overlay/get"))
                 else:
                     answer.append(await client.get("/get"))
                 answered.set()
@@ -179,6 +197,7 @@ async def test_a_neighbour_given_up_in_the_handshake_costs_a_request_nothing(bod
             assert response.status_code == 200
             assert response.extensions["overlay"]["attempts"] == 1
             assert hits == (["up 2000"] if body == "streamed" else ["get"])
+            assert response.extensions["overlay"]["peer_address"] == peer.address
 
 
 async def test_closing_the_client_during_the_handshake_sends_nothing_later() -> None:
