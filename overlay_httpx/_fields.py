@@ -16,6 +16,7 @@ __all__ = [
     "CONNECTION_HEADERS",
     "FIELD_NAME",
     "H2_FIELD_NAME",
+    "connection_specific",
     "field_name_ok",
     "field_value_ok",
 ]
@@ -41,3 +42,9 @@ def field_name_ok(name: bytes) -> bool:
 def field_value_ok(value: bytes) -> bool:
     """No NUL, CR or LF, and no whitespace at either end (RFC 9113 section 8.2.1)."""
     return not value or BAD_FIELD_VALUE.search(value) is None
+
+
+def connection_specific(name: bytes, value: bytes) -> bool:
+    """A field HTTP/2 forbids (RFC 9113 section 8.2.2): a hop-by-hop one, or ``te``
+    saying anything but ``trailers``. `name` is lowercase."""
+    return name in CONNECTION_HEADERS or (name == b"te" and value.lower() != b"trailers")

@@ -32,7 +32,7 @@ from hyperframe.frame import SettingsFrame
 from .. import _h2compat  # also gives DATA frames a cheap repr on import
 from .._address import Address
 from .._exceptions import PeerRestarted
-from .._fields import CONNECTION_HEADERS, H2_FIELD_NAME, field_name_ok, field_value_ok
+from .._fields import H2_FIELD_NAME, connection_specific, field_name_ok, field_value_ok
 from .._identity import PublicIdentity
 from .._node import OverlayAttribute, OverlayStream
 from ._errors import InvalidRequestHeader, MalformedResponse, ServerResetStream
@@ -53,9 +53,6 @@ _STREAM_WINDOW: Final = 4 << 20  # per response: what the server may send before
 _CONNECTION_WINDOW: Final = 16 << 20
 _MAX_FRAME: Final = 256 << 10
 _SEND_BATCH: Final = 256 << 10  # request body bytes framed before one write to the stream
-_HOP_BY_HOP: Final = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
-)
 _SETTINGS_ACK: Final = SettingsFrame(0, flags=["ACK"]).serialize()
 #: concurrent streams assumed until the server's SETTINGS say how many it takes (h2
 #: would assume no limit; RFC 9113 section 6.5.2 recommends servers allow 100)
@@ -562,7 +559,7 @@ def _request_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
     fields: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         name = name.lower()
-        if name in _HOP_BY_HOP or (name == b"te" and value.lower() != b"trailers"):
+        if name == b"host" or connection_specific(name, value):
             continue
         value = value.strip(b" \t")
         if not field_name_ok(name):
@@ -591,7 +588,7 @@ def _head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
             continue
         if H2_FIELD_NAME.fullmatch(name) is None or not field_value_ok(value):
             raise MalformedResponse(f"invalid header {name!r}: {value!r}")
-        if name in CONNECTION_HEADERS or (name == b"te" and value.lower() != b"trailers"):
+        if connection_specific(name, value):
             raise MalformedResponse(f"connection-specific header {name!r}")
         fields.append((name, value))
     if status is None:
