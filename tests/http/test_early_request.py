@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import collections
 import functools
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import httpx
 import pytest
+from _peers import SilentPeer
 from fastapi import FastAPI, Request
 
 from overlay_httpx import Address, Identity, Node, OverlayTransport, serve
-from overlay_httpx._identity import default_address
 
 pytestmark = pytest.mark.anyio
 
@@ -34,20 +33,6 @@ def _recording_app(hits: list[str]) -> FastAPI:
         return {"ok": True}
 
     return app
-
-
-@asynccontextmanager
-async def _silent_peer(client: Node, identity: Identity | None = None) -> AsyncIterator[Address]:
-    """A peer whose UDP port never answers; yields its overlay address."""
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    public = (identity or Identity.generate()).public
-    address = default_address(public)
-    client.add_peer(address, public, silent.getsockname())
-    try:
-        yield address
-    finally:
-        silent.close()
 
 
 async def _failures(count: int, call: Callable[[], Awaitable[object]]) -> collections.Counter[str]:
@@ -72,19 +57,15 @@ class _LatePeer:
     handshake retries go: requests made meanwhile wait in the tunnel for the keys."""
 
     def __init__(self, client: Node, app: FastAPI) -> None:
-        self._identity = Identity.generate()
         self._app = app
-        self._silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._silent.bind(("127.0.0.1", 0))
-        self.address = default_address(self._identity.public)
-        client.add_peer(self.address, self._identity.public, self._silent.getsockname())
+        self._silent = SilentPeer(client)
+        self.address = self._silent.address
 
     @asynccontextmanager
     async def up(self) -> AsyncIterator[None]:
-        port = self._silent.getsockname()[1]
         self._silent.close()
         async with (
-            Node(self._identity, bind=f"127.0.0.1:{port}") as server,
+            Node(self._silent.identity, bind=f"127.0.0.1:{self._silent.port}") as server,
             anyio.create_task_group() as tg,
         ):
             await tg.start(serve, self._app, server)
@@ -273,16 +254,15 @@ async def test_bodies_past_the_shared_window_wait_for_the_handshake() -> None:
     """Six 16 KiB bodies: the first few fit the connection's first window and are sent
     during the handshake, the rest wait for it; to a silent peer every one of them is
     a ConnectTimeout, none a write timeout."""
-    async with (
-        Node(Identity.generate(), handshake_timeout=10) as client_node,
-        _silent_peer(client_node) as ghost,
-    ):
-        timeout = httpx.Timeout(5, connect=0.3, write=2)
-        async with httpx.AsyncClient(
-            transport=OverlayTransport(client_node), timeout=timeout
-        ) as client:
-            post = functools.partial(client.post, f"http://{ghost.host}/", content=b"x" * 16384)
-            assert await _failures(6, post) == {"ConnectTimeout": 6}
+    timeout = httpx.Timeout(5, connect=0.3, write=2)
+    async with Node(Identity.generate(), handshake_timeout=10) as client_node:
+        with SilentPeer(client_node) as silent:
+            async with httpx.AsyncClient(
+                transport=OverlayTransport(client_node), timeout=timeout
+            ) as client:
+                url = f"http://{silent.address.host}/"
+                post = functools.partial(client.post, url, content=b"x" * 16384)
+                assert await _failures(6, post) == {"ConnectTimeout": 6}
 
 
 @pytest.mark.parametrize("refuse", [False, True], ids=["dead peer", "refusing peer"])
@@ -301,7 +281,7 @@ async def test_requests_waiting_for_a_stream_slot_get_the_handshake_error(refuse
             client_node.add_peer(server_node.address, server_node.public, server_node.endpoint)
             target = server_node.address
         else:
-            target = await stack.enter_async_context(_silent_peer(client_node))
+            target = stack.enter_context(SilentPeer(client_node)).address
         client = await stack.enter_async_context(
             httpx.AsyncClient(
                 transport=OverlayTransport(client_node, retries=0),

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import socket
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 
-from overlay_httpx import Address, Identity, Node, OverlayListener, OverlayStream
-from overlay_httpx._identity import default_address
+from overlay_httpx import Identity, Node, OverlayListener, OverlayStream
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -27,24 +25,6 @@ def payload(size: int, seed: int = 0) -> bytes:
 def introduce(a: Node, b: Node) -> None:
     a.add_peer(b.address, b.public, b.endpoint)
     b.add_peer(a.address, a.public, a.endpoint)
-
-
-@contextmanager
-def silent_peer(node: Node, identity: Identity | None = None) -> Iterator[tuple[Address, int]]:
-    """A peer of `node` whose UDP port never answers: (its address, the port).
-
-    Closing the socket (at the end) frees the port for a real node with `identity`,
-    where `node`'s handshake retries then go.
-    """
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    public = (identity or Identity.generate()).public
-    address = default_address(public)
-    node.add_peer(address, public, silent.getsockname())
-    try:
-        yield address, silent.getsockname()[1]
-    finally:
-        silent.close()
 
 
 @asynccontextmanager

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from _nodes import node_pair, receive_all, serve_echo, silent_peer
+from _nodes import node_pair, receive_all, serve_echo
+from _peers import SilentPeer
 
 from overlay_httpx import (
     HandshakeTimeout,
@@ -57,7 +58,8 @@ async def test_streams_opened_early_share_one_handshake_with_those_that_wait() -
 
 async def test_a_handshake_that_times_out_fails_the_wait_and_the_stream() -> None:
     async with Node(Identity.generate(), handshake_timeout=0.3) as a:
-        with silent_peer(a) as (address, _):
+        with SilentPeer(a) as peer:
+            address = peer.address
             with anyio.fail_after(1):
                 stream = await a.connect(address, 80, wait=False)  # no wait for the answer
             stream.try_send(b"GET / HTTP/1.1\r\n\r\n")
@@ -77,7 +79,8 @@ async def test_a_handshake_that_times_out_fails_the_wait_and_the_stream() -> Non
 
 async def test_a_stream_closed_before_its_handshake_ends_is_a_closed_resource() -> None:
     async with Node(Identity.generate(), handshake_timeout=10) as a:
-        with silent_peer(a) as (address, _):
+        with SilentPeer(a) as peer:
+            address = peer.address
             stream = await a.connect(address, 80, wait=False)
             other = await a.connect(address, 80, wait=False)
             await stream.aclose()
@@ -103,7 +106,8 @@ async def test_a_wait_on_a_stream_closed_meanwhile_ends_closed_when_the_handshak
     keys exist: a wait blocked before, or begun after, says so."""
     b_identity = Identity.generate()
     async with Node(Identity.generate(), handshake_timeout=10) as a:
-        with silent_peer(a, b_identity) as (b_address, port):
+        with SilentPeer(a, b_identity) as peer:
+            b_address, port = peer.address, peer.port
             closed = await a.connect(b_address, 7, wait=False)
             reset = await a.connect(b_address, 7, wait=False)
         outcome: list[BaseException] = []
