@@ -145,11 +145,13 @@ class Request:
         "_readable",
         "_writable",
         "app_done",
+        "blocked_since",
         "body",
         "body_delivered",
         "body_ended",
         "complete",
         "connection",
+        "dropped",
         "gone",
         "headers_sent",
         "listened",
@@ -182,9 +184,11 @@ class Request:
         self.complete = False  # our END_STREAM is queued
         self.gone = False  # reset by either side, or the connection is lost
         self.listened = False  # a receive() was waiting when the stream went away
+        self.dropped = False  # a send was dropped since (see `_disconnected`)
         self.receivers = 0  # receive() calls waiting now
         self.stream_closed = False  # counted out of the connection's open streams
         self.app_done = False
+        self.blocked_since = 0.0  # when the app last began to wait for send window
         self._readable: anyio.Event | None = None
         self._writable: anyio.Event | None = None
 
@@ -307,7 +311,7 @@ class Request:
             if self.complete:
                 raise RuntimeError("ASGI http.response.body after the response completed")
             if self.gone:
-                self._disconnected()
+                await self._disconnected()
                 return
             more = bool(message.get("more_body", False))
             try:
@@ -316,7 +320,7 @@ class Request:
                 logger.debug("stream %d: h2 refused a send: %s", self.stream_id, exc)
                 self.on_gone()
             if self.gone and more:
-                self._disconnected()
+                await self._disconnected()
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("ASGI http.response.start sent twice")
@@ -325,23 +329,28 @@ class Request:
             self.remaining = None if self.no_body else length
             self.started = True
             if self.gone:
-                self._disconnected()
+                await self._disconnected()
         else:
             raise RuntimeError(f"unexpected ASGI message type {kind!r} for an http scope")
 
-    def _disconnected(self) -> None:
+    async def _disconnected(self) -> None:
         """`send` after the stream went away: raise, unless the app listens for it.
 
         An app that had a `receive()` waiting when the stream went away (as
         Starlette's streaming responses do) learns of it there and stops
         itself; raising in `send` as well would unwind its body generator from
         outside, leaving it suspended (its ``finally`` would wait for the
-        garbage collector). Such sends are dropped without a checkpoint, so the
-        cancellation lands in the generator's own await. Any other app gets
+        garbage collector). The first such send is dropped without a checkpoint,
+        so the cancellation lands in the generator's own await; later ones are
+        a checkpoint, where it lands for a generator that awaits nothing of its
+        own (it would spin on dropped sends for ever). Any other app gets
         `ClientDisconnected`, an `OSError`, as ASGI 2.4 has servers do.
         """
         if not self.listened:
             raise ClientDisconnected(f"HTTP/2 stream {self.stream_id} is gone")
+        if self.dropped:
+            await anyio.lowlevel.checkpoint()
+        self.dropped = True
 
     async def _send_body(self, body: bytes, more: bool) -> None:
         connection = self.connection
@@ -399,6 +408,7 @@ class Request:
         if event is None:
             event = self._writable = anyio.Event()
         blocked.add(self)
+        self.blocked_since = anyio.current_time()
         try:
             await event.wait()
         finally:
