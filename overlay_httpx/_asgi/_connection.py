@@ -24,7 +24,10 @@ the peer for `idle_timeout` seconds (nor has a request ended), a connection
 with no requests gets a graceful GOAWAY and closes (this also ends streams
 that never finished the preface), and a request whose app waits in
 ``receive()`` for a body that has stopped coming is reset, its app seeing
-``http.disconnect``.
+``http.disconnect``. Writes have the same limit, whatever else the peer
+sends: a response that gets no flow-control window for `idle_timeout` is
+reset, and a connection whose peer leaves a write (up to `TIMED_PIECE`)
+unread that long is closed.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ CONNECTION_WINDOW: Final = 8 * 1024 * 1024
 MAX_FRAME_SIZE: Final = 64 * 1024
 #: how long closing waits to deliver its last frames to a peer that does not read
 CLOSE_TIMEOUT: Final = 1.0
+#: with an idle timeout, a write is timed in pieces of at most this many bytes: one
+#: that the peer has not taken after `idle_timeout` seconds ends the connection
+TIMED_PIECE: Final = 1 << 20
 #: what the peer's frames may make us owe it (PING and SETTINGS ACKs, resets,
 #: refusals) while a writer waits for it to read, before we stop reading too
 READER_OUTPUT_LIMIT: Final = 64 * 1024
@@ -179,6 +185,7 @@ class Connection:
         self._peer = stream.extra(OverlayAttribute.peer_address)
         self._idle_timeout = idle_timeout
         self._last_active = 0.0  # anyio.current_time() of the last bytes in or request done
+        self._send_since: float | None = None  # when the `send` under way began (if timed)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -271,26 +278,54 @@ class Connection:
         await stream.aclose()
 
     async def _reap_idle(self, idle: float, scope: anyio.CancelScope) -> None:
-        """Close the connection, or reset starved requests, once the peer falls silent."""
+        """Close the connection, or reset starved requests, once the peer falls silent;
+        reset responses, or close the connection, once the peer stops reading."""
         with scope:
             while not self.dead:
-                await anyio.sleep_until(self._last_active + idle)
-                if anyio.current_time() < self._last_active + idle:
-                    continue  # something arrived meanwhile
-                if not self.requests:
-                    logger.debug("HTTP/2 connection from %s idle %gs: closing", self._peer, idle)
-                    self.start_shutdown()
+                await anyio.sleep_until(self._next_reaping(idle))
+                now = anyio.current_time()
+                if self._send_since is not None and now >= self._send_since + idle:
+                    # The peer has not read a piece of our writes for `idle`: nothing else
+                    # can go out behind its half-written frames, so the connection goes.
+                    self._mark_dead(f"the peer took no {TIMED_PIECE} bytes in {idle:g}s")
+                    self._stream.reset()
                     return
-                for request in list(self.requests.values()):
-                    if request.starved:
+                for request in list(self.blocked):
+                    if now >= request.blocked_since + idle:
                         logger.debug(
-                            "request on stream %d got no body for %gs: reset",
+                            "response on stream %d got no window for %gs: reset",
                             request.stream_id,
                             idle,
                         )
                         request._reset(ErrorCodes.CANCEL)
-                self._last_active = anyio.current_time()
+                if now >= self._last_active + idle:  # nothing arrived meanwhile
+                    if not self.requests:
+                        logger.debug(
+                            "HTTP/2 connection from %s idle %gs: closing", self._peer, idle
+                        )
+                        self.start_shutdown()
+                        return
+                    for request in list(self.requests.values()):
+                        if request.starved:
+                            logger.debug(
+                                "request on stream %d got no body for %gs: reset",
+                                request.stream_id,
+                                idle,
+                            )
+                            request._reset(ErrorCodes.CANCEL)
+                    self._last_active = now
                 await self.flush(wait=False)
+
+    def _next_reaping(self, idle: float) -> float:
+        """When the reaper must look next: the peer falling silent, a response or a
+        write stalled since its start. Whatever starts to wait later is due later
+        than the silence, so the reaper looks again in time."""
+        due = self._last_active
+        if self._send_since is not None:
+            due = min(due, self._send_since)
+        for request in self.blocked:
+            due = min(due, request.blocked_since)
+        return due + idle
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -497,15 +532,24 @@ class Connection:
         if self._stream.try_send(data):
             return
         self._writing = True
+        timed = self._idle_timeout is not None
         try:
             with anyio.CancelScope(shield=True):
                 while data:
-                    await self._stream.send(data)
+                    if timed and len(data) > TIMED_PIECE:
+                        for start in range(0, len(data), TIMED_PIECE):
+                            self._send_since = anyio.current_time()
+                            await self._stream.send(data[start : start + TIMED_PIECE])
+                    else:
+                        if timed:
+                            self._send_since = anyio.current_time()
+                        await self._stream.send(data)
                     data = self._take()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self._mark_dead(f"sending failed: {exc}")
         finally:
             self._writing = False
+            self._send_since = None
             self._owed = 0
             event = self._flushed
             if event is not None:

@@ -55,7 +55,10 @@ class OverlayServer:
     its connection closes gracefully if no request is open (clients reconnect
     without a round trip, and streams that never spoke HTTP/2 are freed), and
     a request whose app waits for a body that stopped coming is reset (the app
-    sees ``http.disconnect``).
+    sees ``http.disconnect``). It is the write timeout too, whatever else the
+    peer sends: a response that the peer gives no flow-control window for that
+    long is reset (its app sees ``http.disconnect``), and a connection whose
+    peer leaves our writes unread that long is closed.
     """
 
     def __init__(

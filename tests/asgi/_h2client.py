@@ -63,6 +63,8 @@ class Response:
     ended: bool = False
     reset_code: int | None = None
     lost: bool = False  # the connection ended before the response did
+    held: bool = False  # its data is not acknowledged until `H2Client.release`
+    unacked: int = 0  # flow-controlled bytes held back
     changed: anyio.Event = field(default_factory=anyio.Event)
 
     def header(self, name: bytes) -> bytes | None:
@@ -124,10 +126,10 @@ class H2Client:
         self.changed.set()
         self.changed = anyio.Event()
 
-    async def start(self, *, preface: bool = True) -> None:
+    async def start(self, *, preface: bool = True, window: int = WINDOW) -> None:
         if preface:
             self.h2.initiate_connection()
-            self.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: WINDOW})
+            self.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: window})
             self.h2.increment_flow_control_window(WINDOW - 65535)
             await self.flush()
 
@@ -170,7 +172,10 @@ class H2Client:
             elif isinstance(event, DataReceived):
                 response = self.responses[event.stream_id]
                 response.chunks.append(event.data)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if response.held:
+                    response.unacked += event.flow_controlled_length
+                else:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 response._notify()
             elif isinstance(event, StreamEnded):
                 response = self.responses[event.stream_id]
@@ -263,6 +268,13 @@ class H2Client:
         await self.wait_for(lambda: opaque in self.ping_acks or self.closed)
         self.ping_acks.remove(opaque)
 
+    async def release(self, response: Response) -> None:
+        """Give the server back the window of `response`'s data held so far."""
+        if response.unacked and response.reset_code is None and not response.ended:
+            self.h2.acknowledge_received_data(response.unacked, response.stream_id)
+        response.unacked = 0
+        await self.flush()
+
     async def reset(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
         self.h2.reset_stream(stream_id, code)
         await self.flush()
@@ -270,13 +282,18 @@ class H2Client:
 
 @asynccontextmanager
 async def h2_connect(
-    client_node: Node, server: OverlayServer, *, preface: bool = True, validate: bool = True
+    client_node: Node,
+    server: OverlayServer,
+    *,
+    preface: bool = True,
+    validate: bool = True,
+    window: int = WINDOW,
 ) -> AsyncIterator[H2Client]:
     stream = await client_node.connect(server.node.address, server.port)
     client = H2Client(stream, validate=validate)
     async with anyio.create_task_group() as tg:
         tg.start_soon(client.read_loop)
-        await client.start(preface=preface)
+        await client.start(preface=preface, window=window)
         yield client
         tg.cancel_scope.cancel()
     await stream.aclose()

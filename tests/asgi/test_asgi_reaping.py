@@ -6,14 +6,20 @@ silent stream's end-of-stream, a response's reset, a PING round trip.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from _h2client import h2_connect, served
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 from starlette.requests import ClientDisconnect
 
 from overlay_httpx import OverlayStream, OverlayTransport
@@ -188,3 +194,150 @@ async def test_the_client_replaces_a_connection_idle_past_its_keepalive_expiry()
 async def test_keepalive_expiry_must_not_be_negative() -> None:
     with pytest.raises(LocalProtocolError, match="keepalive_expiry="):
         OverlayTransport(keepalive_expiry=-1.0)
+
+
+def _streaming_app(
+    outcome: list[str], total: int | None = None, closed: anyio.Event | None = None
+) -> FastAPI:
+    """GET /stream: 16 KiB chunks, `total` bytes or without end; `outcome` says how it
+    ended, and `closed` is set then."""
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            sent = 0
+            try:
+                while total is None or sent < total:
+                    await anyio.lowlevel.checkpoint()  # stands for a model's next token
+                    sent += 16384
+                    yield b"s" * 16384
+            finally:
+                outcome.append(f"closed after {sent} bytes")
+                if closed is not None:
+                    closed.set()
+
+        return StreamingResponse(chunks())
+
+    @app.get("/")
+    async def root() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+async def test_a_response_the_client_stops_reading_is_reset_while_it_keeps_talking() -> None:
+    outcome: list[str] = []
+    async with (
+        served(_streaming_app(outcome), idle_timeout=IDLE) as (server, client_node),
+        h2_connect(client_node, server, window=64 * 1024) as client,
+    ):
+        stuck = client.open("GET", "/stream")
+        stuck.held = True  # read, never acknowledged: the server runs out of window
+        await client.flush()
+        stamp = anyio.current_time()
+        served_meanwhile = 0
+        with anyio.fail_after(IDLE * 20):
+            while stuck.reset_code is None:  # other requests all along: not a silent peer
+                assert (await client.request("GET", "/")).status == 200
+                served_meanwhile += 1
+        assert stuck.reset_code == ErrorCodes.CANCEL
+        assert anyio.current_time() - stamp >= IDLE
+        assert served_meanwhile > 1
+        assert len(stuck.body) == 64 * 1024  # the window's worth, then nothing
+        await client.ping()
+        assert outcome[0].startswith("closed after")
+        assert (await client.request("GET", "/")).status == 200  # the connection carries on
+        assert client.goaway is None
+        assert server.connections == 1
+
+
+async def test_a_slow_reader_that_keeps_reading_gets_the_whole_response() -> None:
+    outcome: list[str] = []
+    window = 64 * 1024
+    async with (
+        served(_streaming_app(outcome, total=4 * window), idle_timeout=IDLE) as (
+            server,
+            client_node,
+        ),
+        h2_connect(client_node, server, window=window) as client,
+    ):
+        slow = client.open("GET", "/stream")
+        slow.held = True
+        await client.flush()
+        with anyio.fail_after(IDLE * 40):
+            while not slow.ended and slow.reset_code is None:
+                # Each window's worth waits over half the timeout before the next.
+                await anyio.sleep(IDLE * 0.6)  # the passing of time is what is tested
+                await client.release(slow)
+        assert slow.reset_code is None
+        assert slow.body == b"s" * (4 * window)
+        assert outcome == [f"closed after {4 * window} bytes"]
+
+
+async def test_a_connection_whose_peer_leaves_our_writes_unread_is_closed() -> None:
+    outcome: list[str] = []
+    closed = anyio.Event()
+    app = _streaming_app(outcome, closed=closed)
+
+    async with served(app, idle_timeout=IDLE) as (server, client_node):
+        stream = await client_node.connect(server.node.address, server.port)
+        # Flow-control windows far beyond what the tunnel buffers, then no reading at
+        # all: the server's writes themselves stall, not for want of HTTP/2 window.
+        h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        h2.initiate_connection()
+        h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        h2.increment_flow_control_window(2**31 - 1 - 65535)
+        h2.send_headers(
+            1,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"t"),
+                (b":path", b"/stream"),
+            ],
+            end_stream=True,
+        )
+        await stream.send(h2.data_to_send())
+
+        stamp = anyio.current_time()
+        with anyio.fail_after(IDLE * 20):
+            await closed.wait()  # the app's generator was stopped, with nothing read
+        assert anyio.current_time() - stamp >= IDLE
+        assert outcome[0].startswith("closed after")
+        with pytest.raises(anyio.BrokenResourceError):
+            await _read_to_end(stream)  # what the tunnel delivered, then the reset
+        await stream.aclose()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_generator_that_awaits_nothing_does_not_spin_after_a_reset() -> None:
+    """Starlette stops a streaming response from its disconnect listener, by a
+    cancellation that must land somewhere: in `send`, when the generator has no
+    await of its own (it is then left to the garbage collector)."""
+    app = FastAPI()
+
+    @app.get("/ready")
+    async def ready() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                yield b"r" * 16384
+
+        return StreamingResponse(chunks())
+
+    @app.get("/")
+    async def root() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with (
+        served(app) as (server, client_node),
+        h2_connect(client_node, server) as client,
+    ):
+        response = client.open("GET", "/ready")
+        await client.flush()
+        assert await response.next_chunk()
+        await client.reset(response.stream_id)
+        with anyio.fail_after(5):
+            assert (await client.request("GET", "/")).status == 200  # the loop is free
+        await client.ping()
+        assert server.connections == 1
