@@ -223,9 +223,17 @@ class Request:
         """The app waits in ``receive()`` for body data the client has stopped sending.
 
         Everything received has been handed over (and its window given back),
-        so only the client can be holding things up.
+        and the connection's window is open: other requests' apps holding it
+        all unread would stop the client too, through no fault of its own.
+        So only the client can be holding things up.
         """
-        return self.receivers > 0 and not self.body and not self.body_ended and not self.gone
+        return (
+            self.receivers > 0
+            and not self.body
+            and not self.body_ended
+            and not self.gone
+            and self.connection.h2.inbound_flow_control_window > 0
+        )
 
     def close_stream(self) -> None:
         if not self.stream_closed:

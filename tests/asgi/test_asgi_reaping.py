@@ -341,3 +341,49 @@ async def test_a_generator_that_awaits_nothing_does_not_spin_after_a_reset() -> 
             assert (await client.request("GET", "/")).status == 200  # the loop is free
         await client.ping()
         assert server.connections == 1
+
+
+async def test_a_request_held_up_by_others_unread_bodies_is_not_reaped() -> None:
+    """Eight bodies the apps do not read yet fill the connection's 8 MiB window, so
+    the client cannot send a ninth request's body: that app waits, but not for
+    the client's fault, and must not be reset as a half-open request."""
+    app = FastAPI()
+    go = anyio.Event()
+
+    @app.post("/later")
+    async def later(request: Request) -> dict[str, int]:
+        await go.wait()  # stands for a queue in front of the model
+        return {"size": len(await request.body())}
+
+    @app.post("/now")
+    async def now(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
+
+    mib = 1024 * 1024
+    async with (
+        served(app, idle_timeout=IDLE) as (server, client_node),
+        h2_connect(client_node, server) as client,
+    ):
+        held = []
+        for _ in range(8):  # each the server's whole 1 MiB stream window
+            response = client.open("POST", "/later", end_stream=False)
+            await client.send_body(response.stream_id, b"l" * mib)
+            held.append(response)
+        assert client.h2.outbound_flow_control_window == 0
+        waiting = client.open("POST", "/now", end_stream=False)
+        await client.flush()
+        stamp = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.send_body, waiting.stream_id, b"n" * 1000)
+            await anyio.sleep(IDLE * 3)  # the passing of time is what is tested
+            assert waiting.reset_code is None
+            assert not waiting.ended
+            go.set()
+        with anyio.fail_after(IDLE * 20):
+            await waiting.wait_end()
+            for response in held:
+                await response.wait_end()
+        assert anyio.current_time() - stamp >= IDLE * 3
+        assert waiting.reset_code is None
+        assert waiting.body == b'{"size":1000}'
+        assert all(r.body == b'{"size":1048576}' for r in held)
