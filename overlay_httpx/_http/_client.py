@@ -353,9 +353,13 @@ class H2ClientConnection:
         return self._failure if isinstance(self._failure, Abandoned) else None
 
     def abandon(self, reason: str) -> None:
-        """Give the connection up before any of its bytes left (its tunnel's handshake
+        """Give the connection up if none of its bytes has left (its tunnel's handshake
         is still under way): they are dropped, so none ever reaches the server, and
-        each request on it fails as never sent (`Abandoned`)."""
+        each request on it fails as never sent (`Abandoned`). Once the keys exist,
+        or after a failed handshake (which left nothing to give up), it does nothing."""
+        stream = self._stream
+        if stream.established or stream.broken:
+            return
         self._fail(Abandoned(f"{self.peer}: {reason}; request not sent"))
         self._outgoing.clear()
         self._stream.reset()
@@ -535,8 +539,7 @@ class H2ClientConnection:
         if self._closed:
             return
         self._closed = True
-        if not self._stream.established and not self._stream.broken:
-            self.abandon("the connection was closed during its handshake")
+        self.abandon("the connection was closed during its handshake")
         with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
             if self._failure is None:
                 try:

@@ -391,7 +391,6 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 await self._established(request, conn)
             if has_body:
                 with map_errors("write", request, what):
-                    body = request.stream
                     if isinstance(body, httpx.ByteStream):
                         # Known in full: END_STREAM rides on its last DATA frame.
                         await conn.send_body(sid, b"".join(body), _timeout(request, "write"))
@@ -404,11 +403,10 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 head = await conn.receive_head(sid)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                stream = conn.overlay_stream
-                if early and not stream.established and not stream.broken:
+                if early:
                     # Given up (a timeout, a cancel) while the handshake goes on: nothing
                     # has left yet, and nothing may leave later (a connect error means
-                    # "not sent"). A failed handshake has left nothing to give up.
+                    # "not sent").
                     conn.abandon("the connection was given up during its handshake")
                 await conn.finish(sid)
                 await self._release(conn)
