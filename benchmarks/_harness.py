@@ -11,8 +11,8 @@ terminated on exit, on Ctrl-C and on SIGTERM, and the kernel kills them if the
 benchmark itself dies (PR_SET_PDEATHSIG).
 
 It is not run by hand: the benchmarks run it as a child,
-`python _harness.py overlay MODULE:APP` or
-`python _harness.py hypercorn MODULE:APP PORT CERT KEY`.
+`python _harness.py overlay MODULE:APP [PEERS]` (PEERS more nodes serving the
+same app) or `python _harness.py hypercorn MODULE:APP PORT KEY CERT`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import types
+from contextlib import AsyncExitStack
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -222,18 +223,26 @@ class Children:
         return self.spawn(cmd)
 
     def overlay(
-        self, app: str, env: dict[str, str] | None = None
-    ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-        """`serve()` of `app` on a new node; returns the process and how to reach the node."""
-        proc = self.start_overlay(app, env)
+        self, app: str, env: dict[str, str] | None = None, *, peers: int = 0
+    ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+        """`serve()` of `app` on a new node; returns the process and how to reach the node.
+
+        With `peers`, the same process also serves `app` on that many more nodes,
+        listed under "peers": servers a client has never talked to, for timing the
+        first request to a new peer from a client already in use.
+        """
+        proc = self.start_overlay(app, env, peers=peers)
         return proc, overlay_info(proc)
 
-    def start_overlay(self, app: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start_overlay(
+        self, app: str, env: dict[str, str] | None = None, *, peers: int = 0
+    ) -> subprocess.Popen[bytes]:
         """Start `serve()` of `app` on a new node; `overlay_info(proc)` waits until it serves."""
-        return self.spawn([sys.executable, __file__, "overlay", app], env=env, pipe=True)
+        cmd = [sys.executable, __file__, "overlay", app, str(peers)]
+        return self.spawn(cmd, env=env, pipe=True)
 
 
-def overlay_info(proc: subprocess.Popen[bytes]) -> dict[str, str]:
+def overlay_info(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     """The node's address, identity and UDP endpoint: the one JSON line the child prints."""
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -251,19 +260,30 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _serve_overlay(ref: str) -> None:
+def _serve_overlay(ref: str, peers: int) -> None:
     import anyio
 
     from overlay_httpx import Identity, Node, serve
 
     app = _load(ref)
 
+    def reach(node: Node) -> dict[str, Any]:
+        return {
+            "address": str(node.address),
+            "identity": str(node.public),
+            "endpoint": "{}:{}".format(*node.endpoint),
+        }
+
     async def main() -> None:
-        async with Node(Identity.generate()) as node, anyio.create_task_group() as tg:
-            await tg.start(functools.partial(serve, app, node))
-            info = {"address": str(node.address), "identity": str(node.public)}
-            info["endpoint"] = "{}:{}".format(*node.endpoint)
+        async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            nodes = [
+                await stack.enter_async_context(Node(Identity.generate())) for _ in range(1 + peers)
+            ]
+            for node in nodes:
+                await tg.start(functools.partial(serve, app, node))
+            info = reach(nodes[0])
             info["tunnel_core"] = tunnel_core()
+            info["peers"] = [reach(node) for node in nodes[1:]]
             print(json.dumps(info), flush=True)
             await anyio.sleep_forever()
 
@@ -289,10 +309,10 @@ def _serve_hypercorn(ref: str, port: str, key: str, cert: str) -> None:
 if __name__ == "__main__":
     try:
         if sys.argv[1] == "overlay":
-            _serve_overlay(sys.argv[2])
+            _serve_overlay(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
         elif sys.argv[1] == "hypercorn":
             _serve_hypercorn(*sys.argv[2:6])
         else:
-            sys.exit(f"usage: {sys.argv[0]} overlay|hypercorn MODULE:APP [PORT KEY CERT]")
+            sys.exit(f"usage: {sys.argv[0]} overlay|hypercorn MODULE:APP [PEERS | PORT KEY CERT]")
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports
         pass

@@ -14,8 +14,11 @@ rotates each round):
 Measures, per row: sequential small JSON POST p50/p90/p99; requests/s with 64 in
 flight; 64 MiB GET MB/s; SSE time to first chunk; CPU per request in the sequential
 phase, client (this process, `time.process_time()`) and server (the child,
-utime+stime from /proc/<pid>/stat); and the first request on a new connection (for
-the overlay a new node, so a cold tunnel: the handshake is included). Prints a
+utime+stime from /proc/<pid>/stat); a new connection per request from a client
+already in use (for the overlay a first request to a peer the client has never
+talked to, so a new tunnel, handshake included: the server process serves the app
+on that many extra nodes); and the first request on a new client (for the overlay
+a new node as well). Prints a
 markdown table with ratios to the tcp keep-alive row; `--json` writes every figure
 and the raw latency samples; `--plot` draws latency distributions and throughput.
 
@@ -130,7 +133,7 @@ class Cpu:
 class Servers:
     """One child per row: serve() on a node, uvicorn over TCP and TLS, hypercorn over TLS."""
 
-    def __init__(self, children: Children) -> None:
+    def __init__(self, children: Children, new_peers: int = 0) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="bench_http_"))
         tls = self_signed(tmp)
         self.cert = tls[1]
@@ -138,7 +141,7 @@ class Servers:
         tcp = children.uvicorn(APP, self.tcp_port)
         tls_new = children.uvicorn(APP, self.tls_port, tls)
         h2 = children.hypercorn(APP, self.h2_port, tls)
-        overlay, self.overlay = children.overlay(APP)
+        overlay, self.overlay = children.overlay(APP, peers=new_peers)
         wait_port(self.tcp_port, tcp)
         wait_port(self.tls_port, tls_new)
         wait_port(self.h2_port, h2)
@@ -147,7 +150,7 @@ class Servers:
 
 
 async def run(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
-    from overlay_httpx import Identity, Node, OverlayTransport, PublicIdentity
+    from overlay_httpx import Address, Identity, Node, OverlayTransport, PublicIdentity
 
     info = servers.overlay
     server_identity = PublicIdentity.parse(info["identity"])
@@ -189,6 +192,36 @@ async def run(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
             ),
         }
 
+        # A new connection for every request, on a client already in use: the tls-new
+        # row's own client, and the same for the other rows. The overlay's counterpart
+        # is a first request to a peer this client has never talked to (a new tunnel:
+        # handshake and HTTP/2 preface), one of the server process's extra nodes.
+        one_shot = httpx.Limits(max_keepalive_connections=0)
+        renewing: dict[str, Callable[[], httpx.AsyncClient]] = {
+            "tcp": lambda: httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{servers.tcp_port}", timeout=60, limits=one_shot
+            ),
+            "tls-new": clients["tls-new"],
+            "h2-tls": lambda: httpx.AsyncClient(
+                base_url=f"https://127.0.0.1:{servers.h2_port}",
+                verify=h2_ctx,
+                http2=True,
+                timeout=60,
+                limits=one_shot,
+            ),
+        }
+        new_peers = iter(info["peers"])
+
+        async def new_connection(row: str, client: httpx.AsyncClient, client_node: Node) -> float:
+            url = "/v1/echo"
+            if row == "overlay":
+                peer = next(new_peers)
+                client_node.add_peer(peer["address"], peer["identity"], peer["endpoint"])
+                url = f"http://{Address.parse(peer['address']).host}/v1/echo"
+            start = time.perf_counter()
+            (await client.post(url, json=PAYLOAD)).raise_for_status()
+            return time.perf_counter() - start
+
         async def first_request(row: str) -> float:
             """One request on a new client: a new connection (overlay: a new node and tunnel).
 
@@ -211,11 +244,22 @@ async def run(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
             order = ROWS[round_ % len(ROWS) :] + ROWS[: round_ % len(ROWS)]
             async with AsyncExitStack() as stack:
                 open_ = {row: await stack.enter_async_context(clients[row]()) for row in order}
-                for row, client in open_.items():
-                    r = await client.post("/v1/echo", json=PAYLOAD)
-                    if row == "h2-tls" and r.http_version != "HTTP/2":
-                        raise RuntimeError(f"h2-tls row negotiated {r.http_version}")
-                    await sequential(client, args.warmup)
+                # The overlay's renewing client gets a node of its own, closed with the
+                # round, so that the tunnels it opens do not linger in the other phases.
+                client_node = await stack.enter_async_context(Node(Identity.generate()))
+                client_node.add_peer(info["address"], server_identity, info["endpoint"])
+                renew = {
+                    row: await stack.enter_async_context(
+                        overlay_client(client_node) if row == "overlay" else renewing[row]()
+                    )
+                    for row in order
+                }
+                for row in order:
+                    for client in (open_[row], renew[row]):
+                        r = await client.post("/v1/echo", json=PAYLOAD)
+                        if row == "h2-tls" and r.http_version != "HTTP/2":
+                            raise RuntimeError(f"h2-tls row negotiated {r.http_version}")
+                        await sequential(client, args.warmup)
                 # Sequential requests in chunks, the rows taking turns, so that a burst of
                 # load on this shared machine hits every row alike.
                 seq: dict[str, list[float]] = {row: [] for row in order}
@@ -244,6 +288,14 @@ async def run(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
                 for row, client in open_.items():
                     sse = await sse_first_chunk(client, args.sse)
                     record(row, "sse_first_us", _pct(sse, 0.5))
+                # One request per row in turn: how fast this machine runs depends on
+                # how busy it has just been, so rows compared must share each moment.
+                renewed: dict[str, list[float]] = {row: [] for row in order}
+                for _ in range(args.cold):
+                    for row, client in renew.items():
+                        renewed[row].append(await new_connection(row, client, client_node))
+                for row in order:
+                    record(row, "new_conn_us", _pct(renewed[row], 0.5))
             firsts: dict[str, list[float]] = {row: [] for row in order}
             for _ in range(args.cold):
                 for row in order:
@@ -274,7 +326,8 @@ COLUMNS: list[tuple[str, str, str, bool]] = [
     ("sse_first_us", "SSE first chunk µs", "{:.0f}", False),
     ("client_cpu_us", "client CPU µs/req", "{:.0f}", False),
     ("server_cpu_us", "server CPU µs/req", "{:.0f}", False),
-    ("first_us", "first request, new connection µs", "{:.0f}", False),
+    ("new_conn_us", "new connection per request (overlay: new peer) µs", "{:.0f}", False),
+    ("first_us", "first request, new client µs", "{:.0f}", False),
 ]
 
 
@@ -286,6 +339,9 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     for row in ROWS:
         cells = []
         for metric, _, fmt, _ in COLUMNS:
+            if metric not in rows[row]:  # a figure older runs did not measure
+                cells.append("n/a")
+                continue
             value = rows[row][metric]
             cell = fmt.format(value)
             if row != "tcp" and base[metric] > 0:
@@ -296,15 +352,18 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def targets(s: dict[str, dict[str, float]]) -> str:
-    o, base = s["overlay"], s["tcp"]
+    o, base, nan = s["overlay"], s["tcp"], float("nan")
     lines = [
         "overlay, ratios to tcp keep-alive (targets in brackets):",
         f"  p50 latency      {o['p50_us'] / base['p50_us']:.2f}x  [<= 1.0x]",
         f"  64 in flight     {o['rps_64'] / base['rps_64']:.2f}x  [>= 1.5x]",
         f"  64 MiB GET       {o['get_MBps'] / base['get_MBps']:.2f}x  [>= 0.3x]",
         f"  SSE first chunk  {o['sse_first_us'] / base['sse_first_us']:.2f}x  [<= 1.0x]",
-        f"  cold first request {o['first_us']:.0f} µs vs new-TLS-connection p50 "
-        f"{s['tls-new']['p50_us']:.0f} µs  [below]",
+        f"  cold: first request to a new peer {o.get('new_conn_us', nan):.0f} µs vs a new "
+        f"TLS connection per request {s['tls-new'].get('new_conn_us', nan):.0f} µs  [below]",
+        f"    (tls-new p50 in the sequential phase {s['tls-new']['p50_us']:.0f} µs; "
+        f"on a new client, and for the overlay a new node: {o['first_us']:.0f} µs "
+        f"vs {s['tls-new']['first_us']:.0f} µs)",
         f"overlay vs h2-tls (HTTP/2 over TLS): p50 {o['p50_us'] / s['h2-tls']['p50_us']:.2f}x, "
         f"64 in flight {o['rps_64'] / s['h2-tls']['rps_64']:.2f}x, "
         f"64 MiB GET {o['get_MBps'] / s['h2-tls']['get_MBps']:.2f}x",
@@ -386,7 +445,9 @@ def main() -> None:
     parser.add_argument("--per-worker", type=int, default=20, help="x 64 workers in flight")
     parser.add_argument("--mib", type=int, default=64, help="size of the bulk GET")
     parser.add_argument("--sse", type=int, default=50, help="SSE streams opened per round")
-    parser.add_argument("--cold", type=int, default=20, help="first requests per round and row")
+    parser.add_argument(
+        "--cold", type=int, default=30, help="new-connection and first requests per round and row"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--json", help="also write the figures (and raw samples) to this file")
     parser.add_argument("--plot", help="draw latency and throughput to this PNG (matplotlib)")
@@ -407,7 +468,7 @@ def main() -> None:
             ("overlay_httpx", "httpx", "h2", "uvicorn", "hypercorn", "fastapi")
         )
         with Children() as children:
-            servers = Servers(children)
+            servers = Servers(children, new_peers=args.rounds * args.cold)
             if servers.overlay["tunnel_core"] != machine["tunnel_core"]:
                 raise RuntimeError(
                     f"the overlay server runs the {servers.overlay['tunnel_core']} tunnel "
