@@ -17,6 +17,8 @@ catches ``ValueError`` or ``FileNotFoundError`` keeps working::
     │   ├── NoiseDecryptError                  AEAD authentication failed
     │   ├── FrameError                         a frame or packet could not be decoded
     │   └── FlowControlError                   the peer sent beyond a limit we gave it
+    ├── LifespanFailed          (RuntimeError)  an app's lifespan startup failed: no serving
+    ├── ClientDisconnected      (OSError)      an ASGI app's send() after the client went away
     ├── RegistryError                          the rendezvous refused or failed a request
     │   ├── AddressTaken                       the address belongs to another key
     │   ├── HostnameTaken                      another live node holds the hostname
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AddressError",
     "AddressTaken",
+    "ClientDisconnected",
     "FlowControlError",
     "FrameError",
     "HandshakeTimeout",
@@ -61,6 +64,7 @@ __all__ = [
     "IdentityExists",
     "IdentityInsecure",
     "IdentityNotFound",
+    "LifespanFailed",
     "LocalProtocolError",
     "NoiseDecryptError",
     "NoiseStateError",
@@ -215,6 +219,18 @@ class StreamReset(TunnelError, anyio.BrokenResourceError):
 
 class PortUnreachable(StreamReset, ConnectionRefusedError):
     """The peer answered that nothing listens on the overlay port."""
+
+
+class LifespanFailed(OverlayError, RuntimeError):
+    """The app's lifespan startup failed, so the server did not start serving."""
+
+
+class ClientDisconnected(OverlayError, OSError):
+    """`send()` after the client reset the stream or the connection went away.
+
+    An `OSError`, as ASGI 2.4 asks of servers, so frameworks that catch it
+    (Starlette's ``ClientDisconnect``) stop the response quietly.
+    """
 
 
 class RegistryError(OverlayError):

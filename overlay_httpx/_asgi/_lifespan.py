@@ -17,16 +17,12 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .._exceptions import OverlayError
+from .._exceptions import LifespanFailed
 from ._types import ASGIApp, LifespanMode, Message
 
-__all__ = ["Lifespan", "LifespanFailed"]
+__all__ = ["Lifespan"]
 
 logger = logging.getLogger("overlay_httpx")
-
-
-class LifespanFailed(OverlayError, RuntimeError):
-    """The app's lifespan startup failed, so the server did not start serving."""
 
 
 class Lifespan:

@@ -21,26 +21,19 @@ import anyio
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
+from .._exceptions import ClientDisconnected
 from .._fields import CONNECTION_HEADERS, field_name_ok, field_value_ok
 from ._types import Message, Scope
 
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ["ClientDisconnected", "Request", "ResponseHeads", "simple_response"]
+__all__ = ["Request", "ResponseHeads", "simple_response"]
 
 logger = logging.getLogger("overlay_httpx")
 
 #: the most body bytes queued in h2 before they are written out (bounds our buffer)
 MAX_BATCH: Final = 512 * 1024
-
-
-class ClientDisconnected(OSError):
-    """`send()` after the client reset the stream or the connection went away.
-
-    An `OSError`, as ASGI 2.4 asks of servers, so frameworks that catch it
-    (Starlette's ``ClientDisconnect``) stop the response quietly.
-    """
 
 
 def simple_response(connection: Connection, stream_id: int, status: int, text: str) -> None:

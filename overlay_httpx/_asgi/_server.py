@@ -15,10 +15,10 @@ from typing import Final
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from .._exceptions import LocalProtocolError
+from .._exceptions import LifespanFailed, LocalProtocolError
 from .._node import Node, OverlayAttribute, OverlayListener, OverlayStream
 from ._connection import Connection, prepare_h2
-from ._lifespan import Lifespan, LifespanFailed
+from ._lifespan import Lifespan
 from ._scope import ConnectionInfo
 from ._types import ASGIApp, LifespanMode
 
