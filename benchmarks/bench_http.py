@@ -453,6 +453,11 @@ def main() -> None:
     parser.add_argument("--plot", help="draw latency and throughput to this PNG (matplotlib)")
     parser.add_argument("--from-json", help="do not measure: report (and plot) this JSON file")
     args = parser.parse_args()
+    for name in ("rounds", "requests", "chunk", "per_worker", "mib", "sse", "cold"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
     if args.plot:
         require("matplotlib", "needed for --plot")
     if args.from_json:
