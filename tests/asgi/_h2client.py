@@ -279,6 +279,13 @@ class H2Client:
         self.h2.reset_stream(stream_id, code)
         await self.flush()
 
+    async def cancel_after_first_chunk(self, path: str) -> None:
+        """GET `path`, wait until its body has begun, then reset the stream (CANCEL)."""
+        response = self.open("GET", path)
+        await self.flush()
+        assert await response.next_chunk()
+        await self.reset(response.stream_id)
+
 
 @asynccontextmanager
 async def h2_connect(

@@ -224,10 +224,7 @@ async def test_client_reset_stops_the_generator(between_chunks: str) -> None:
         return StreamingResponse(generate())
 
     async with served(app) as (server, client_node), h2_connect(client_node, server) as client:
-        response = client.open("GET", "/forever")
-        await client.flush()
-        assert await response.next_chunk()
-        await client.reset(response.stream_id)
+        await client.cancel_after_first_chunk("/forever")
         with anyio.fail_after(1):
             await stopped.wait()
         # the connection carries on
@@ -358,10 +355,7 @@ async def test_send_raises_for_an_app_that_does_not_listen() -> None:
         served(app, lifespan="off") as (server, client_node),
         h2_connect(client_node, server) as client,
     ):
-        response = client.open("GET", "/")
-        await client.flush()
-        assert await response.next_chunk()
-        await client.reset(response.stream_id)
+        await client.cancel_after_first_chunk("/")
         with anyio.fail_after(1):
             await stopped.wait()
     assert len(errors) == 1

@@ -333,10 +333,7 @@ async def test_a_generator_that_awaits_nothing_does_not_spin_after_a_reset() -> 
         served(app) as (server, client_node),
         h2_connect(client_node, server) as client,
     ):
-        response = client.open("GET", "/ready")
-        await client.flush()
-        assert await response.next_chunk()
-        await client.reset(response.stream_id)
+        await client.cancel_after_first_chunk("/ready")
         with anyio.fail_after(5):
             assert (await client.request("GET", "/")).status == 200  # the loop is free
         await client.ping()
