@@ -536,14 +536,11 @@ class Connection:
         try:
             with anyio.CancelScope(shield=True):
                 while data:
-                    if timed and len(data) > TIMED_PIECE:
-                        for start in range(0, len(data), TIMED_PIECE):
-                            self._send_since = anyio.current_time()
-                            await self._stream.send(data[start : start + TIMED_PIECE])
-                    else:
+                    piece = TIMED_PIECE if timed else len(data)
+                    for start in range(0, len(data), piece):  # all of it at once if untimed
                         if timed:
                             self._send_since = anyio.current_time()
-                        await self._stream.send(data)
+                        await self._stream.send(data[start : start + piece])
                     data = self._take()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self._mark_dead(f"sending failed: {exc}")
