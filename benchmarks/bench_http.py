@@ -65,14 +65,15 @@ COLORS = {"overlay": "#d62728", "tcp": "#1f77b4", "tls-new": "#7f7f7f", "h2-tls"
 # -- measurements ------------------------------------------------------------------------
 
 
+async def timed_post(client: httpx.AsyncClient, url: str = "/v1/echo") -> float:
+    """Seconds for one small JSON POST, which must succeed."""
+    start = time.perf_counter()
+    (await client.post(url, json=PAYLOAD)).raise_for_status()
+    return time.perf_counter() - start
+
+
 async def sequential(client: httpx.AsyncClient, count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        r = await client.post("/v1/echo", json=PAYLOAD)
-        r.raise_for_status()
-        samples.append(time.perf_counter() - start)
-    return samples
+    return [await timed_post(client) for _ in range(count)]
 
 
 async def in_flight(client: httpx.AsyncClient, workers: int, per_worker: int) -> float:
@@ -218,9 +219,7 @@ async def run(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
                 peer = next(new_peers)
                 client_node.add_peer(peer["address"], peer["identity"], peer["endpoint"])
                 url = f"http://{Address.parse(peer['address']).host}/v1/echo"
-            start = time.perf_counter()
-            (await client.post(url, json=PAYLOAD)).raise_for_status()
-            return time.perf_counter() - start
+            return await timed_post(client, url)
 
         async def first_request(row: str) -> float:
             """One request on a new client: a new connection (overlay: a new node and tunnel).
@@ -236,9 +235,7 @@ async def run(args: argparse.Namespace, servers: Servers) -> dict[str, Any]:
                     client = await stack.enter_async_context(overlay_client(fresh))
                 else:
                     client = await stack.enter_async_context(clients[row]())
-                start = time.perf_counter()
-                (await client.post("/v1/echo", json=PAYLOAD)).raise_for_status()
-                return time.perf_counter() - start
+                return await timed_post(client)
 
         for round_ in range(args.rounds):
             order = ROWS[round_ % len(ROWS) :] + ROWS[: round_ % len(ROWS)]
