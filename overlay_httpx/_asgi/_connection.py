@@ -55,7 +55,7 @@ from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from .. import _h2compat  # also gives DATA frames a cheap repr on import
+from .. import _h2compat, _h2fast  # _h2compat also gives DATA frames a cheap repr on import
 from .._node import OverlayAttribute, OverlayStream
 from ._request import Request, ResponseHeads, simple_response
 from ._scope import BadRequest, ConnectionInfo, ScopeBuilder
@@ -351,7 +351,9 @@ class Connection:
             if writing:  # what is queued already is not the peer's doing: set it apart
                 self._unsent += h2.data_to_send()
             try:
-                events = h2.receive_data(data)
+                events = _h2fast.receive(h2, data)
+                if events is None:
+                    events = h2.receive_data(data)
             except Exception as exc:  # ProtocolError, or whatever else garbage provokes
                 self._protocol_error(exc)
             else:

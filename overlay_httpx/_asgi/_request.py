@@ -21,6 +21,7 @@ import anyio
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
+from .. import _h2fast
 from .._exceptions import ClientDisconnected
 from .._fields import CONNECTION_HEADERS, field_name_ok, field_value_ok
 from ._types import Message, Scope
@@ -370,6 +371,10 @@ class Request:
         if headers is not None:
             self.pending_headers = None
             self.headers_sent = True
+            if end and _h2fast.send_message(h2, sid, headers, body):
+                self._finish_local()  # the whole response is queued, END_STREAM and all
+                await connection.flush()
+                return
             h2.send_headers(sid, headers, end_stream=end and not body)
         elif end and not body:
             h2.end_stream(sid)

@@ -29,7 +29,7 @@ from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import SettingsFrame
 
-from .. import _h2compat  # also gives DATA frames a cheap repr on import
+from .. import _h2compat, _h2fast  # _h2compat also gives DATA frames a cheap repr on import
 from .._address import Address
 from .._exceptions import PeerRestarted
 from .._fields import H2_FIELD_NAME, connection_specific, field_name_ok, field_value_ok
@@ -133,11 +133,12 @@ class ResponseHead:
 class _Exchange:
     """One request/response on one HTTP/2 stream."""
 
-    __slots__ = ("chunks", "ended", "error", "head", "offset", "stream_id")
+    __slots__ = ("body_sent", "chunks", "ended", "error", "head", "offset", "stream_id")
 
-    def __init__(self, stream_id: int, offset: int) -> None:
+    def __init__(self, stream_id: int, offset: int, body_sent: bool) -> None:
         self.stream_id = stream_id
         self.offset = offset  # overlay stream offset before any of this request's bytes
+        self.body_sent = body_sent  # the whole body went with the head (`open`)
         self.head: ResponseHead | None = None
         self.chunks: deque[tuple[bytes, int]] = deque()
         self.ended = False
@@ -291,7 +292,9 @@ class H2ClientConnection:
 
     def _feed(self, data: bytes) -> None:
         try:
-            events = self._h2.receive_data(data)
+            events = _h2fast.receive(self._h2, data)
+            if events is None:
+                events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             logger.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
             self._fail(exc)
@@ -377,8 +380,13 @@ class H2ClientConnection:
         headers: Iterable[tuple[bytes, bytes]],
         *,
         has_body: bool,
+        body: bytes | None = None,
     ) -> int:
-        """Wait for a stream slot, send the request head; returns the stream id."""
+        """Wait for a stream slot, send the request head; returns the stream id.
+
+        `body`, the whole body when it is known, leaves with the head when it can
+        go at once (`_h2fast`); `send_body` then only flushes.
+        """
         head = [
             (b":method", method),
             (b":scheme", b"http"),
@@ -392,11 +400,13 @@ class H2ClientConnection:
             raise Refused(f"connection to {self.peer} is closing; request not begun")
         sid = self._h2.get_next_available_stream_id()
         try:
-            self._h2.send_headers(sid, head, end_stream=not has_body)
+            body_sent = body is not None and _h2fast.send_message(self._h2, sid, head, body)
+            if not body_sent:
+                self._h2.send_headers(sid, head, end_stream=not has_body)
         except h2.exceptions.ProtocolError as exc:
             self._fail(exc)  # h2's state is unusable: take the connection out of the pool
             raise
-        self._exchanges[sid] = _Exchange(sid, self._stream.bytes_sent)
+        self._exchanges[sid] = _Exchange(sid, self._stream.bytes_sent, body_sent)
         if not has_body:
             await self._flush()  # else the head leaves with the first body bytes
         return sid
@@ -415,7 +425,9 @@ class H2ClientConnection:
         (a write timeout).
         """
         exchange = self._exchanges[sid]
-        if isinstance(body, bytes):
+        if exchange.body_sent:
+            pass  # it left with the head
+        elif isinstance(body, bytes):
             sent = await self._send_chunk(exchange, body, bool(body), write_timeout, 0)
             if sent is not None and not body:
                 self._h2.end_stream(sid)

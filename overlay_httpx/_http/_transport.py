@@ -377,10 +377,19 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         # trip and leaves with the keys. A body that might have to wait for flow
         # control waits for the handshake first: its failure is a connect error.
         early = not conn.overlay_stream.established
+        # A body known in full (or none) may leave with the head, on an established
+        # tunnel (during the handshake, whether a body may go early is decided below).
+        whole = None
+        if not early and isinstance(body, httpx.ByteStream):
+            whole = b"".join(body) if has_body else b""
         try:
             with map_errors("pool", request, what), _deadline(conn.can_open, request, "pool"):
                 sid = await conn.open(
-                    request.method.encode(), target, request.headers.raw, has_body=has_body
+                    request.method.encode(),
+                    target,
+                    request.headers.raw,
+                    has_body=has_body,
+                    body=whole,
                 )
         except Refused:
             if early:  # the connection failed before it began: a failed handshake says why
@@ -393,7 +402,8 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 with map_errors("write", request, what):
                     if isinstance(body, httpx.ByteStream):
                         # Known in full: END_STREAM rides on its last DATA frame.
-                        await conn.send_body(sid, b"".join(body), _timeout(request, "write"))
+                        data = whole if whole is not None else b"".join(body)
+                        await conn.send_body(sid, data, _timeout(request, "write"))
                     else:
                         async with aclosing(_chunks(request)) as chunks:
                             await conn.send_body(sid, chunks, _timeout(request, "write"))
