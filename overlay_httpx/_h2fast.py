@@ -69,8 +69,11 @@ def send_message(
     body). Returns False, having changed nothing, when this is not the simple
     case (see the module docstring): the caller then makes those calls.
     """
+    config = conn.config
     if not ENABLED or conn.state_machine.state not in _OPEN:
         return False
+    if config.normalize_outbound_headers or config.validate_outbound_headers:
+        return False  # h2 would rewrite or check the fields (both users turn this off)
     size = len(body)
     limit = conn.max_outbound_frame_size
     if size > limit:
@@ -80,7 +83,7 @@ def send_message(
         bound += len(name) + len(value) + _FIELD_SLACK
     if bound > limit:
         return False  # the block might need CONTINUATION frames
-    client = conn.config.client_side
+    client = config.client_side
     existing = conn.streams.get(stream_id)
     if client:
         if existing is not None or stream_id <= conn.highest_outbound_stream_id:
@@ -267,8 +270,17 @@ def _event_state(events: list[Event]) -> list[Any]:
 def _pair() -> tuple[H2Connection, H2Connection]:
     from h2.config import H2Configuration
 
-    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-    server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    client, server = (
+        H2Connection(
+            H2Configuration(
+                client_side=side,
+                header_encoding=None,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        for side in (True, False)
+    )
     for conn in (client, server):
         _h2compat.cache_hpack(conn)
         conn.initiate_connection()

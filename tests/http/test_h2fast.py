@@ -280,3 +280,16 @@ def test_the_self_check_turns_the_path_off_when_h2_would_differ(
     finally:
         monkeypatch.undo()
         assert _h2fast._check() is True
+
+
+def test_a_connection_that_rewrites_or_checks_fields_keeps_h2s_own_send() -> None:
+    """h2 would lowercase names and mark secrets never-indexed: only h2 may send then."""
+    from h2.config import H2Configuration
+
+    options = ("normalize_outbound_headers", "validate_outbound_headers")
+    for on, off in (options, options[::-1]):
+        client = H2Connection(H2Configuration(client_side=True, **{on: True, off: False}))
+        client.initiate_connection()
+        client.send_headers(1, GET, end_stream=True)  # out of IDLE: the lean path could go
+        assert _h2fast.send_message(client, 3, GET, b"") is False
+        assert 3 not in client.streams
