@@ -44,7 +44,7 @@ from hpack import Decoder, Encoder, HeaderTuple
 from hpack.table import HeaderTable
 from hyperframe.frame import DataFrame, Frame
 
-__all__ = ["Spares", "cache_hpack", "cached_headers", "install", "use_local_settings"]
+__all__ = ["Spares", "cache_hpack", "install", "use_local_settings"]
 
 #: header blocks longer than this (bytes) are never cached: they are rare, and a
 #: peer must not be able to pin much memory in the caches
@@ -182,23 +182,6 @@ class _CachingDecoder(Decoder):
     header_table: _CountingTable
     _blocks: dict[bytes, tuple[tuple[int, int, int, bool], tuple[HeaderTuple, ...]]]
 
-    def lookup(self, data: bytes, raw: bool) -> list[HeaderTuple] | None:
-        """What `decode` would return for `data` if it has it cached, else None.
-
-        Changes nothing: a block found here leaves the table as it is, so the
-        answer is exact, and no error is possible.
-        """
-        cached = self._blocks.get(data)
-        table = self.header_table
-        if cached is not None and cached[0] == (
-            table.changes,
-            self.max_header_list_size,
-            self.max_allowed_table_size,
-            raw,
-        ):
-            return list(cached[1])
-        return None
-
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
         if len(data) > _MAX_CACHED_BLOCK:
             return super().decode(data, raw)
@@ -251,15 +234,6 @@ def cache_hpack(conn: H2Connection) -> None:
     decoder.__class__ = _CachingDecoder
     cast(_CachingEncoder, encoder)._blocks = {}
     cast(_CachingDecoder, decoder)._blocks = {}
-
-
-def cached_headers(conn: H2Connection, block: bytes) -> list[HeaderTuple] | None:
-    """The header list `conn`'s decoder has cached for `block` (as h2 decodes it),
-    or None: not cached, or `conn` has no cache. Changes nothing."""
-    decoder = conn.decoder
-    if type(decoder) is _CachingDecoder:
-        return decoder.lookup(block, True)
-    return None
 
 
 # -- process-wide cuts -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -34,12 +35,15 @@ GET = [*POST[:4], (b"accept", b"*/*")]
 HEAD = [(b":method", b"HEAD"), *POST[1:4]]
 
 
-def _pair() -> tuple[H2Connection, H2Connection]:
+def _pair(settled: bool = True) -> tuple[H2Connection, H2Connection]:
+    """A client and a server connection; `settled`: prefaces and SETTINGS exchanged
+    through h2 already, else they go with the first request and response."""
     client = client_side._new_h2()
     server = server_side._new_h2(100, 65536)
-    server.receive_data(client.data_to_send())
-    client.receive_data(server.data_to_send())
-    server.receive_data(client.data_to_send())
+    if settled:
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())
     return client, server
 
 
@@ -54,16 +58,16 @@ class _Ended(Exception):
 class _Both:
     """The same exchanges on a lean pair and a plain pair, compared at every step."""
 
-    def __init__(self) -> None:
-        self.lean, self.plain = _pair(), _pair()
-        self.taken: set[str] = set()
+    def __init__(self, settled: bool = True) -> None:
+        self.lean, self.plain = _pair(settled), _pair(settled)
+        self.taken: Counter[str] = Counter()
 
     def send(
         self, side: int, stream_id: int, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
         def lean(conn: H2Connection) -> None:
             if _h2fast.send_message(conn, stream_id, headers, body):
-                self.taken.add("send")
+                self.taken["send"] += 1
             else:
                 plain(conn)
 
@@ -110,7 +114,7 @@ class _Both:
                     if events is None:
                         events = conn.receive_data(piece)
                     else:
-                        self.taken.add("receive")
+                        self.taken["receive"] += 1
                     got[i] += events
                     for event in events:  # give back the window, as both users do
                         length = getattr(event, "flow_controlled_length", 0)
@@ -131,21 +135,20 @@ def test_the_lean_path_is_on_with_the_installed_h2() -> None:
     assert _h2fast.ENABLED
 
 
-def test_a_steady_exchange_takes_the_lean_path_both_ways() -> None:
-    both = _Both()
+@pytest.mark.parametrize("settled", [True, False])
+def test_a_steady_exchange_takes_the_lean_path_both_ways(settled: bool) -> None:
+    """Every request and response, the first ones too (their prefaces and SETTINGS go
+    to h2 first), is written and read by the lean path."""
+    both = _Both(settled)
     for i in range(6):
         stream_id = 1 + 2 * i
         both.send(0, stream_id, [*POST, (b"content-length", b"16")], b'{"prompt": "hi"}')
-        events = both.deliver(0, [])
-        assert [type(e).__name__ for e in events] == [
-            "RequestReceived",
-            "DataReceived",
-            "StreamEnded",
-        ]
+        events = [type(e).__name__ for e in both.deliver(0, [])]
+        assert events[-3:] == ["RequestReceived", "DataReceived", "StreamEnded"]
         both.send(1, stream_id, [(b":status", b"200"), (b"content-length", b"2")], b"ok")
-        events = both.deliver(1, [])
-        assert [type(e).__name__ for e in events][:1] == ["ResponseReceived"]
-    assert both.taken == {"send", "receive"}
+        events = [type(e).__name__ for e in both.deliver(1, [])]
+        assert events[-3:] == ["ResponseReceived", "DataReceived", "StreamEnded"]
+    assert both.taken == {"send": 12, "receive": 12}
 
 
 _REQUESTS = st.sampled_from([POST, GET, HEAD])
@@ -156,19 +159,13 @@ _STATUSES = st.sampled_from([b"200", b"204", b"404", b"103"])
 @fuzz_settings(200)
 @given(data=st.data())
 def test_any_exchange_leaves_h2_as_h2_would(data: st.DataObject) -> None:
-    both = _Both()
-    for stream_id in (1, 3, 5):  # warm: the third of these takes the lean path both ways
-        both.send(0, stream_id, POST, b"")
-        both.deliver(0, [])
-        both.send(1, stream_id, [(b":status", b"200")], b"ok")
-        both.deliver(1, [])
-    assert both.taken == {"send", "receive"}
+    both = _Both(data.draw(st.booleans(), label="settled"))
     with contextlib.suppress(_Ended):
         _exchanges(both, data)
 
 
 def _exchanges(both: _Both, data: st.DataObject) -> None:
-    next_id, waiting = 7, []
+    next_id, waiting = 1, []
     for _ in range(data.draw(st.integers(1, 12), label="steps")):
         step = data.draw(st.sampled_from(["request", "request", "response", "reset", "ping"]))
         if step == "request":
@@ -211,20 +208,11 @@ def _exchanges(both: _Both, data: st.DataObject) -> None:
             both.deliver(1, [])
 
 
-@fuzz_settings(300)
-@given(garbage=st.binary(max_size=200), prefix=st.booleans())
-def test_garbage_fails_both_paths_alike(garbage: bytes, prefix: bool) -> None:
-    """A broken read: the same error (or the same events) and the same GOAWAY either way."""
-    both = _Both()
-    for i in range(3):  # warm the caches so the lean path would take a known block
-        both.send(0, 1 + 2 * i, [*POST, (b"content-length", b"2")], b"hi")
-        both.deliver(0, [])
-    both.send(0, 7, [*POST, (b"content-length", b"2")], b"hi")
-    wire = both.lean[0].data_to_send()
-    both.plain[0].data_to_send()
-    read = (wire if prefix else b"") + garbage
+def _read_by_both(both: _Both, read: bytes, side: int = 1) -> None:
+    """`read` to both servers (`side` 0: clients): the same events (or error), GOAWAY and
+    state either way."""
     outcomes = []
-    for conn, fast in ((both.lean[1], True), (both.plain[1], False)):
+    for conn, fast in ((both.lean[side], True), (both.plain[side], False)):
         try:
             events = _h2fast.receive(conn, read) if fast else None
             if events is None:
@@ -236,10 +224,171 @@ def test_garbage_fails_both_paths_alike(garbage: bytes, prefix: bool) -> None:
     assert outcomes[:2] == outcomes[2:]
 
 
+def _warm(both: _Both) -> bytes:
+    """Two exchanges, then a third request's frames (not delivered)."""
+    for stream_id in (1, 3):
+        both.send(0, stream_id, [*POST, (b"content-length", b"2")], b"hi")
+        both.deliver(0, [])
+    both.send(0, 5, [*POST, (b"content-length", b"2")], b"hi")
+    wire = both.lean[0].data_to_send()
+    assert wire == both.plain[0].data_to_send()
+    return wire
+
+
+@fuzz_settings(300)
+@given(garbage=st.binary(max_size=200), prefix=st.booleans())
+def test_garbage_fails_both_paths_alike(garbage: bytes, prefix: bool) -> None:
+    both = _Both()
+    wire = _warm(both)
+    _read_by_both(both, (wire if prefix else b"") + garbage)
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([kind, flags])
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+_FRAME = st.tuples(
+    st.sampled_from([0x0, 0x0, 0x0, 0x1, 0x1, 0x2, 0x3, 0x8, 0x9]) | st.integers(0, 255),  # type
+    st.sampled_from([0x0, 0x1, 0x4, 0x5, 0x8, 0x20, 0x25]) | st.integers(0, 255),  # flags
+    st.sampled_from([1, 3, 5, 7]) | st.sampled_from([0, 2, 9]) | st.integers(0, 2**32 - 1),
+    st.binary(max_size=40),  # payload
+    st.booleans(),  # a real header block instead of the payload
+)
+
+
+@fuzz_settings(400)
+@given(frames=st.lists(_FRAME, max_size=6), prefix=st.booleans())
+def test_hostile_frames_fail_both_paths_alike(
+    frames: list[tuple[int, int, int, bytes, bool]], prefix: bool
+) -> None:
+    """Well-formed frames with hostile contents: the lean path's checks fall where h2's do."""
+    both = _Both()
+    wire = _warm(both)
+    block = wire[9 : 9 + int.from_bytes(wire[:3], "big")]  # the third request's header block
+    read = wire if prefix else b""
+    for kind, flags, stream_id, payload, real_block in frames:
+        read += _frame(kind, flags, stream_id, block if real_block else payload)
+    _read_by_both(both, read)
+
+
+_BLOCK = object()  # stands for the third request's header block
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param([(0x0, 0x0, 5, b"x")], id="DATA after END_STREAM in the same read"),
+        pytest.param([(0x1, 0x5, 3, _BLOCK)], id="a stream id used before"),
+        pytest.param([(0x1, 0x5, 2, _BLOCK)], id="an even stream id"),
+        pytest.param([(0x0, 0x1, 3, b"x")], id="DATA on a closed stream"),
+        pytest.param([(0x0, 0x1, 9, b"x")], id="DATA on an idle stream"),
+        pytest.param([(0x1, 0x5, 9, b"\xff\xff")], id="a broken header block"),
+        pytest.param([(0x1, 0x25, 9, b"\0\0\0\0\x10" + b"?")], id="a priority flag"),
+    ],
+)
+def test_frames_h2_treats_apart_fail_both_paths_alike(
+    frames: list[tuple[int, int, int, Any]],
+) -> None:
+    both = _Both()
+    wire = _warm(both)
+    block = wire[9 : 9 + int.from_bytes(wire[:3], "big")]
+    read = wire + b"".join(
+        _frame(k, f, sid, block if p is _BLOCK else p) for k, f, sid, p in frames
+    )
+    _read_by_both(both, read)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["reset", "body first", "after the end", "trailers", "informational", "unknown stream"],
+)
+def test_responses_h2_treats_apart_fail_both_paths_alike(case: str) -> None:
+    both = _Both()
+    for stream_id in (1, 3):
+        both.send(0, stream_id, GET, b"")
+        both.deliver(0, [])
+        both.send(1, stream_id, [(b":status", b"200")], b"ok")
+        both.deliver(1, [])
+    both.send(0, 5, GET, b"")
+    both.deliver(0, [])
+    if case == "trailers":
+        both.call(1, "send_headers", 5, [(b":status", b"200")])
+        both.call(1, "send_headers", 5, [(b"x-trailer", b"1")], True)
+    elif case == "informational":
+        both.call(1, "send_headers", 5, [(b":status", b"103")])
+        both.call(1, "send_headers", 5, [(b":status", b"200")], True)
+    else:
+        both.send(1, 5, [(b":status", b"200")], b"ok")
+    wire = _sent(both)
+    if case == "reset":  # the client gave up before the response arrived
+        both.call(0, "reset_stream", 5)
+        both.call(0, "data_to_send")
+    elif case == "body first":  # DATA for a request the server has not answered
+        both.send(0, 7, GET, b"")
+        both.deliver(0, [])
+        wire = _frame(0x0, 0x0, 7, b"x")
+    elif case == "after the end":
+        wire += _frame(0x0, 0x1, 5, b"x")
+    elif case == "unknown stream":
+        wire += _frame(0x0, 0x1, 11, b"x")
+    _read_by_both(both, wire, side=0)
+
+
+def test_a_read_that_starts_inside_a_frame_goes_to_h2() -> None:
+    """A frame cut after its header: the next read is its payload, however it looks."""
+    both = _Both()
+    wire = _warm(both)  # HEADERS, then DATA "hi", of stream 5
+    head_end = 9 + int.from_bytes(wire[:3], "big")
+    inner = _frame(0x0, 0x1, 5, b"hi")  # a payload that reads as a lean frame on its own
+    outer = _frame(0x0, 0x1, 5, inner)
+    # the request again, with a body of len(inner) bytes that looks like a frame
+    for conn in (both.lean[0], both.plain[0]):
+        conn.data_to_send()
+    first, second = wire[:head_end] + outer[:9], outer[9:]
+    for conn in (both.lean[1], both.plain[1]):
+        conn.max_inbound_frame_size = max(conn.max_inbound_frame_size, len(inner))
+    _read_by_both(both, first)
+    _read_by_both(both, second)
+
+
+def test_a_frame_over_the_size_limit_fails_both_paths_alike() -> None:
+    both = _Both()
+    wire = _warm(both)
+    head_end = 9 + int.from_bytes(wire[:3], "big")
+    big = b"x" * (both.lean[1].max_inbound_frame_size + 1)
+    _read_by_both(both, wire[:head_end] + _frame(0x0, 0x1, 5, big))
+
+
+def test_a_new_stream_on_an_id_the_server_reset_fails_both_paths_alike() -> None:
+    """h2 answers frames on a stream it reset with RST_STREAM, not a connection error."""
+    both = _Both()
+    wire = _warm(both)
+    head = wire[: 9 + int.from_bytes(wire[:3], "big")]
+    _read_by_both(both, head)  # stream 5 opened, its body not sent yet
+    both.call(1, "reset_stream", 5)
+    both.call(1, "data_to_send")
+    both.send(0, 7, GET, b"")  # a new stream: h2 forgets the closed ones as it counts
+    both.deliver(0, [])
+    assert 5 not in both.lean[1].streams
+    _read_by_both(both, head)
+
+
+def _sent(both: _Both) -> bytes:
+    """What the servers queued (the same on both), taken from them."""
+    wire = both.lean[1].data_to_send()
+    assert wire == both.plain[1].data_to_send()
+    return wire
+
+
 def test_a_body_short_of_its_content_length_ends_the_connection_as_h2_does() -> None:
     both = _Both()
     head = [*POST, (b"content-length", b"3")]
-    for i, body in enumerate([b"hi!", b"hi!", b"hi"]):  # the third one's block is cached
+    for i, body in enumerate([b"hi!", b"hi"]):  # a new block, then one the cache knows
         both.call(0, "send_headers", 1 + 2 * i, head)
         both.call(0, "send_data", 1 + 2 * i, body, True)
         wire = both.lean[0].data_to_send()
@@ -249,7 +398,7 @@ def test_a_body_short_of_its_content_length_ends_the_connection_as_h2_does() -> 
             try:
                 events = _h2fast.receive(conn, wire) if fast else None
                 if events is None:
-                    assert not (fast and i == 2), "the cached block took h2's path"
+                    assert not fast, "the request took h2's path"
                     events = conn.receive_data(wire)
                 outcomes.append(_events(events))
             except ProtocolError as exc:
