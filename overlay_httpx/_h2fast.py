@@ -57,9 +57,15 @@ _READING: Final = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _decode_headers: Callable[[Decoder, bytes], Iterable[HeaderTuple]] | None = getattr(
     h2.connection, "_decode_headers", None
 )
-#: slack per field over its name and value in an HPACK block without Huffman
-#: coding (the representation byte and two length prefixes), for the size check
+#: for the size check of a header block: Huffman coding (which hpack applies unless
+#: `_h2compat`'s encoder is in use) makes a byte at most 30 bits; a field adds a
+#: representation byte and two length prefixes
+_HUFFMAN_MOST: Final = 4
 _FIELD_SLACK: Final = 16
+#: no frame size limit is below this (RFC 9113 section 6.5.2)
+_SMALLEST_LIMIT: Final = 16384
+_SETTINGS: Final = 0x4
+_ACK: Final = 0x1
 
 
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
@@ -88,13 +94,20 @@ def send_message(
         return False
     if config.normalize_outbound_headers or config.validate_outbound_headers:
         return False  # h2 would rewrite or check the fields (both users turn this off)
+    if type(body) is not bytes:
+        body = bytes(body)  # a view's bytes, whatever its item size
     size = len(body)
     limit = conn.max_outbound_frame_size
-    if size > limit:
+    if size > limit or type(headers) is not list or not headers:
         return False
     bound = 0
-    for name, value in headers:
-        bound += len(name) + len(value) + _FIELD_SLACK
+    for field in headers:
+        if len(field) != 2:
+            return False  # a (name, value, sensitive) triple: h2 knows what to make of it
+        name, value = field
+        if type(name) is not bytes or type(value) is not bytes:
+            return False  # str fields: h2 encodes them
+        bound += _HUFFMAN_MOST * (len(name) + len(value)) + _FIELD_SLACK
     if bound > limit:
         return False  # the block might need CONTINUATION frames
     client = config.client_side
@@ -124,12 +137,14 @@ def send_message(
     machine = stream.state_machine
     machine.process_input(StreamInputs.SEND_HEADERS)
     block = conn.encoder.encode(headers)
-    method = None
-    for name, value in headers:
-        if name == b":method":
+    method = authority = None
+    for name, value in headers:  # the first of each, as h2 takes them
+        if name == b":method" and method is None:
             method = value
-        elif client and name == b":authority" and stream._authority is None:
-            stream._authority = value
+        elif name == b":authority" and authority is None:
+            authority = value
+    if client and stream._authority is None:
+        stream._authority = authority
     stream.request_method = method
     if not size:
         machine.process_input(StreamInputs.SEND_END_STREAM)
@@ -156,31 +171,42 @@ def _lean_shaped(kind: int, flags: int) -> bool:
 
 def _split(data: bytes, pos: int) -> int | None:
     """Where the frames of `data` from `pos` stop being h2's to read: the start of the
-    longest run of lean-shaped frames ending the read. None if that run is empty or
-    the read does not end on a frame's end (h2 then reads it all). Shapes only."""
+    longest run of lean-shaped frames ending the read. None if that run is empty, if
+    the read does not end on a frame's end, or if a SETTINGS ACK before the run might
+    change the frame size limit for a frame of it (h2 checks a whole read against the
+    limit in force when it arrived): h2 then reads it all. Shapes only."""
     lean: int | None = None
+    ack = False  # a SETTINGS ACK before the run
+    longest = 0  # the run's longest frame
     end = len(data)
     while pos < end:
         if end - pos < 9:
             return None
         high, low, kind, flags, _ = _HEADER.unpack_from(data, pos)
+        length = (high << 8) | low
         if _lean_shaped(kind, flags):
             if lean is None:
-                lean = pos
+                lean, longest = pos, 0
+            longest = max(longest, length)
         else:
             lean = None
-        pos += 9 + ((high << 8) | low)
-    return lean if pos == end else None
+            ack = ack or (kind == _SETTINGS and flags & _ACK != 0)
+        pos += 9 + length
+    if pos != end or (ack and longest > _SMALLEST_LIMIT):
+        return None
+    return lean
 
 
-def _plan(conn: H2Connection, data: bytes, pos: int) -> list[tuple[int, int, int, bytes]] | None:
-    """The frames of `data` from `pos` as (type, flags, stream, payload); None unless
-    `receive` can take each frame as h2 would. Reads state, changes nothing."""
+def _plan(
+    conn: H2Connection, data: bytes, pos: int
+) -> list[tuple[int, int, int, bytes, int]] | None:
+    """The frames of `data` from `pos` as (type, flags, stream, payload, where it ends);
+    None unless `receive` can take each frame as h2 would. Reads state, changes nothing."""
     client = conn.config.client_side
     limit = conn.max_inbound_frame_size
     streams = conn.streams
     highest = conn.highest_inbound_stream_id
-    plan: list[tuple[int, int, int, bytes]] = []
+    plan: list[tuple[int, int, int, bytes, int]] = []
     headed: set[int] = set()  # streams whose header block is in this read
     ended: set[int] = set()  # streams this read ends
     end = len(data)
@@ -204,7 +230,7 @@ def _plan(conn: H2Connection, data: bytes, pos: int) -> list[tuple[int, int, int
                 return None  # not a new stream of the client's: h2 says what it is
             else:
                 highest = stream_id
-            plan.append((kind, flags, stream_id, data[start:pos]))
+            plan.append((kind, flags, stream_id, data[start:pos], pos))
             headed.add(stream_id)
         else:
             # the body of a message whose head came in this read or earlier
@@ -213,7 +239,7 @@ def _plan(conn: H2Connection, data: bytes, pos: int) -> list[tuple[int, int, int
                     return None
                 if client and not stream.state_machine.headers_received:
                     return None
-            plan.append((kind, flags, stream_id, data[start:pos]))
+            plan.append((kind, flags, stream_id, data[start:pos], pos))
         if flags & _END_STREAM:
             ended.add(stream_id)
     return plan
@@ -243,17 +269,25 @@ def receive(conn: H2Connection, data: bytes) -> list[Event] | None:
     lean = _split(data, preface)
     if lean is None:
         return None
-    events: list[Event] = conn.receive_data(data[:lean]) if lean else []
+    events: list[Event] = []
+    if lean:
+        try:
+            events = conn.receive_data(data[:lean])
+        except BaseException:
+            buffered.add_data(data[lean:])  # h2 keeps what it did not read
+            raise
     plan = None
-    if conn.state_machine.state in _OPEN:
-        plan = _plan(conn, data, lean)
+    if conn.state_machine.state in _OPEN and not (buffered._data or buffered._headers_buffer):
+        plan = _plan(conn, data, lean)  # (a header block still open: CONTINUATION must come)
     if plan is None:
         events += conn.receive_data(data[lean:])
         return events
     client = conn.config.client_side
     machine = conn.state_machine
+    read = lean  # where the frame being read ends
     try:
-        for kind, flags, stream_id, payload in plan:
+        for kind, flags, stream_id, payload, frame_end in plan:
+            read = frame_end
             end_stream = bool(flags & _END_STREAM)
             if kind == _HEADERS:
                 # What H2Connection._receive_headers_frame does, in its order.
@@ -273,8 +307,10 @@ def receive(conn: H2Connection, data: bytes) -> list[Event] | None:
                 events += machine.process_input(ConnectionInputs.RECV_DATA)
                 conn._inbound_flow_control_window_manager.window_consumed(size)
                 events += conn.streams[stream_id].receive_data(payload, end_stream, size)[1]
-    except ProtocolError as exc:
-        conn._terminate_connection(exc.error_code)
+    except BaseException as exc:
+        buffered.add_data(data[read:])  # h2 keeps what it did not read
+        if isinstance(exc, ProtocolError):
+            conn._terminate_connection(exc.error_code)
         raise
     return events
 
@@ -307,6 +343,8 @@ def _state(conn: H2Connection) -> Any:
         bytes(conn._data_to_send),
         tuple(conn.encoder.header_table.dynamic_entries),
         tuple(conn.decoder.header_table.dynamic_entries),
+        bytes(conn.incoming_buffer._data),
+        [bytes(frame.serialize()) for frame in conn.incoming_buffer._headers_buffer],
     )
 
 

@@ -7,6 +7,7 @@ through h2 alone. Every byte sent, every event and h2's state must agree.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import itertools
 from collections import Counter
@@ -16,6 +17,8 @@ import pytest
 from h2.connection import H2Connection
 from h2.events import Event
 from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
+from hpack import Encoder
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -289,6 +292,18 @@ _BLOCK = object()  # stands for the third request's header block
         pytest.param([(0x0, 0x1, 9, b"x")], id="DATA on an idle stream"),
         pytest.param([(0x1, 0x5, 9, b"\xff\xff")], id="a broken header block"),
         pytest.param([(0x1, 0x25, 9, b"\0\0\0\0\x10" + b"?")], id="a priority flag"),
+        pytest.param(
+            [(0x1, 0x1, 7, _BLOCK), (0x1, 0x5, 9, _BLOCK)],
+            id="a header block left open before the run",
+        ),
+        pytest.param(
+            [(0x6, 0x0, 1, b"12345678"), (0x1, 0x5, 7, _BLOCK)],
+            id="an error before the run",
+        ),
+        pytest.param(
+            [(0x1, 0x4, 7, _BLOCK), (0x0, 0x1, 7, b"hello"), (0x1, 0x5, 9, _BLOCK)],
+            id="an error inside the run",  # h2 keeps the frames after it unread
+        ),
     ],
 )
 def test_frames_h2_treats_apart_fail_both_paths_alike(
@@ -376,6 +391,63 @@ def test_a_new_stream_on_an_id_the_server_reset_fails_both_paths_alike() -> None
     both.deliver(0, [])
     assert 5 not in both.lean[1].streams
     _read_by_both(both, head)
+
+
+@pytest.mark.parametrize(("announced", "size"), [(16384, 20000), (131072, 100000)])
+def test_a_settings_ack_before_the_run_does_not_move_its_frame_size_limit(
+    announced: int, size: int
+) -> None:
+    """h2 checks a whole read against the limit in force when it arrived, even when a
+    SETTINGS ACK in it changes the limit."""
+    both = _Both()
+    both.call(0, "send_headers", 1, POST)  # a body to follow
+    both.deliver(0, [])
+    both.call(1, "update_settings", {SettingCodes.MAX_FRAME_SIZE: announced})
+    both.call(1, "data_to_send")
+    _read_by_both(both, _frame(0x4, 0x1, 0, b"") + _frame(0x0, 0x0, 1, b"x" * size))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param([(b":method", b"GET"), (b":method", b"HEAD"), *POST[1:4]], id="two methods"),
+        pytest.param([(":method", "POST"), *POST[1:4]], id="str fields"),
+        pytest.param([*POST, (b"authorization", b"secret", True)], id="a sensitive triple"),
+        pytest.param([*POST, (b"x-bin", b"\n" * 5000)], id="a block Huffman coding makes too big"),
+    ],
+)
+def test_odd_header_lists_are_sent_as_h2_sends_them(headers: list[Any]) -> None:
+    """Fields h2 would convert, pick from or code longer: the same bytes and state, or
+    the lean path steps aside. Connections without the HPACK caches (hpack's own
+    encoder, which Huffman-codes every literal) are compared too."""
+    for cached, settled in itertools.product((True, False), (True, False)):
+        both = _Both(settled)  # unsettled: the server's larger frame size not known yet
+        if not cached:
+            for pair in (both.lean, both.plain):
+                pair[0].encoder = Encoder()
+        both.send(0, 1, headers, b"")
+        both.deliver(0, [])
+
+
+def test_header_lists_h2_would_not_take_are_left_to_it() -> None:
+    client = _pair()[0]
+    before = _h2fast._state(client)
+    assert _h2fast.send_message(client, 1, [], b"") is False
+    assert _h2fast.send_message(client, 1, (field for field in GET), b"") is False  # type: ignore[arg-type]
+    assert _h2fast._state(client) == before
+
+
+def test_a_body_given_as_a_view_is_sent_as_its_bytes() -> None:
+    """The bridge hands over the app's body as it came; a view of wider items is its bytes."""
+    body = memoryview(array.array("H", [1, 2, 3]))
+    both = _Both()
+    both.send(0, 1, GET, b"")
+    both.deliver(0, [])
+    lean_server, plain_server = both.lean[1], both.plain[1]
+    assert _h2fast.send_message(lean_server, 1, [(b":status", b"200")], body)  # type: ignore[arg-type]
+    plain_server.send_headers(1, [(b":status", b"200")])
+    plain_server.send_data(1, body.cast("B"), end_stream=True)
+    assert _h2fast._state(lean_server) == _h2fast._state(plain_server)
 
 
 def _sent(both: _Both) -> bytes:
