@@ -35,11 +35,10 @@ from .._exceptions import PeerRestarted
 from .._fields import H2_FIELD_NAME, connection_specific, field_name_ok, field_value_ok
 from .._identity import PublicIdentity
 from .._node import OverlayAttribute, OverlayStream
-from ._errors import InvalidRequestHeader, MalformedResponse, ServerResetStream
+from ._errors import ConnectionLost, InvalidRequestHeader, MalformedResponse, ServerResetStream
 
 __all__ = [
     "Abandoned",
-    "ConnectionLost",
     "H2ClientConnection",
     "Refused",
     "ResponseHead",
@@ -105,10 +104,6 @@ def prepare_connection() -> None:
     ready (see `_h2compat.Spares`).
     """
     _spares.prepare()
-
-
-class ConnectionLost(Exception):
-    """The connection ended (GOAWAY, h2 error, or the overlay stream broke)."""
 
 
 class Refused(Exception):
@@ -348,7 +343,9 @@ class H2ClientConnection:
             if sid > last and exchange.error is None:
                 exchange.error = Refused(f"{self.peer} is going away ({code}); request not begun")
             elif event.error_code and exchange.error is None and not exchange.ended:
-                exchange.error = ConnectionLost(f"{self.peer} ended the connection: {code}")
+                exchange.error = ConnectionLost(
+                    f"{self.peer} ended the connection: {code}", event.error_code
+                )
 
     @property
     def abandoned(self) -> Abandoned | None:

@@ -26,7 +26,14 @@ from .._exceptions import (
     UnknownPeer,
 )
 
-__all__ = ["InvalidRequestHeader", "MalformedResponse", "Phase", "ServerResetStream", "map_errors"]
+__all__ = [
+    "ConnectionLost",
+    "InvalidRequestHeader",
+    "MalformedResponse",
+    "Phase",
+    "ServerResetStream",
+    "map_errors",
+]
 
 Phase = Literal["connect", "write", "read", "pool"]
 
@@ -42,6 +49,15 @@ _NETWORK: dict[Phase, type[httpx.NetworkError]] = {
     "read": httpx.ReadError,
     "pool": httpx.ConnectError,
 }
+
+
+class ConnectionLost(Exception):
+    """The HTTP/2 connection ended under a request the server had begun: its GOAWAY
+    with an error code (`error_code`), or the overlay stream closed (None)."""
+
+    def __init__(self, message: str, error_code: int | None = None) -> None:
+        super().__init__(message)
+        self.error_code = error_code
 
 
 class InvalidRequestHeader(Exception):
@@ -87,6 +103,10 @@ def map_errors(phase: Phase, request: httpx.Request, what: str = "") -> Iterator
         raise _NETWORK[phase](str(exc), request=request) from exc
     except ServerResetStream as exc:
         raise httpx.RemoteProtocolError(f"{exc}{where}", request=request) from exc
+    except ConnectionLost as exc:
+        if exc.error_code:  # the server ended the connection over an HTTP/2 error
+            raise httpx.RemoteProtocolError(f"{exc}{where}", request=request) from exc
+        raise _NETWORK[phase](f"{exc}{where}", request=request) from exc
     except MalformedResponse as exc:
         raise httpx.RemoteProtocolError(
             f"malformed response{where}: {exc}", request=request

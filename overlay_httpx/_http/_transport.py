@@ -369,6 +369,18 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         what = f"{conn.peer} port {conn.overlay_stream.port}"
         target = request.url.raw_path
         body = request.stream
+        if isinstance(body, httpx.ByteStream):
+            # A server's h2 ends the whole connection over a wrong length, taking the
+            # other requests on it along: say so here, before anything leaves.
+            declared = request.headers.get("content-length")
+            if declared is not None:
+                size = sum(map(len, body))
+                if not declared.isdigit() or int(declared) != size:
+                    raise httpx.LocalProtocolError(
+                        f"the request's content-length is {declared!r} but its body is "
+                        f"{size} bytes",
+                        request=request,
+                    )
         has_body = not (
             isinstance(body, httpx.ByteStream)
             and request.headers.get("content-length") in (None, "0")
@@ -382,6 +394,8 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         whole = None
         if not early and isinstance(body, httpx.ByteStream):
             whole = b"".join(body) if has_body else b""
+            if has_body and not whole:
+                whole = None  # headers that announce a body and none: framed as before
         try:
             with map_errors("pool", request, what), _deadline(conn.can_open, request, "pool"):
                 sid = await conn.open(

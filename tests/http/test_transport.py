@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import socket
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import anyio
@@ -375,3 +376,30 @@ async def test_a_refused_stream_is_retried_once_and_the_attempts_are_reported(
             assert r.extensions["overlay"]["attempts"] == 2
             assert len(seen) == 2
         tg.cancel_scope.cancel()
+
+
+async def test_a_body_unlike_its_content_length_is_refused_before_it_leaves(
+    overlay_app_client,  # type: ignore[no-untyped-def]
+) -> None:
+    client = await overlay_app_client(make_app())
+    for declared in ("5", "x", "3, 3"):
+        with pytest.raises(httpx.LocalProtocolError, match=f"content-length is '{declared}'"):
+            await client.post("/upload", content=b"abc", headers={"content-length": declared})
+    r = await client.post("/v1/completions", json={"prompt": "hi"})  # the connection is fine
+    assert r.status_code == 200
+
+
+async def test_a_server_ending_the_connection_over_an_error_is_a_remote_protocol_error(
+    overlay_app_client,  # type: ignore[no-untyped-def]
+) -> None:
+    """A streamed body shorter than its content-length: the server's h2 answers with
+    GOAWAY (PROTOCOL_ERROR) for the request it had begun, which is an httpx error."""
+    client = await overlay_app_client(make_app())
+
+    async def short() -> AsyncIterator[bytes]:
+        yield b"abc"
+
+    with pytest.raises(httpx.RemoteProtocolError, match="ended the connection: PROTOCOL_ERROR"):
+        await client.post("/upload", content=short(), headers={"content-length": "5"})
+    r = await client.post("/v1/completions", json={"prompt": "hi"})  # on a new connection
+    assert r.status_code == 200
