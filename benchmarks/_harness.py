@@ -180,11 +180,18 @@ class Children:
         signal.signal(signal.SIGTERM, self._previous)
 
     def spawn(
-        self, cmd: list[str], *, env: dict[str, str] | None = None, pipe: bool = False
+        self,
+        cmd: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        pipe: bool = False,
+        pipe_in: bool = False,
     ) -> subprocess.Popen[bytes]:
+        """Start `cmd`; `pipe`: read its stdout, `pipe_in`: write its stdin."""
         proc = subprocess.Popen(
             cmd,
             env={**os.environ, **(env or {})},
+            stdin=subprocess.PIPE if pipe_in else None,
             stdout=subprocess.PIPE if pipe else None,
             preexec_fn=_die_with_parent,  # only prctl() between fork and exec
         )
