@@ -450,6 +450,19 @@ def test_a_body_given_as_a_view_is_sent_as_its_bytes() -> None:
     assert _h2fast._state(lean_server) == _h2fast._state(plain_server)
 
 
+def test_a_body_over_the_flow_control_window_is_left_to_h2() -> None:
+    """h2 refuses to send past the window (FlowControlError); the lean path steps aside."""
+    both = _Both()
+    both.call(1, "update_settings", {SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    both.deliver(1, [])  # the client's new streams may now take 100 bytes
+    both.deliver(0, [])  # (its ACK)
+    both.send(0, 1, POST, b"x" * 100)  # fits: the lean path sends it
+    assert both.taken["send"] == 1
+    with pytest.raises(_Ended):
+        both.send(0, 3, POST, b"x" * 101)  # both refuse, alike
+    assert both.taken["send"] == 1
+
+
 def _sent(both: _Both) -> bytes:
     """What the servers queued (the same on both), taken from them."""
     wire = both.lean[1].data_to_send()
