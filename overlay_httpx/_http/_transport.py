@@ -369,22 +369,22 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         what = f"{conn.peer} port {conn.overlay_stream.port}"
         target = request.url.raw_path
         body = request.stream
-        if isinstance(body, httpx.ByteStream):
-            # A server's h2 ends the whole connection over a wrong length, taking the
-            # other requests on it along: say so here, before anything leaves.
-            declared = request.headers.get("content-length")
-            if declared is not None:
-                size = sum(map(len, body))
-                if not declared.isdigit() or int(declared) != size:
-                    raise httpx.LocalProtocolError(
-                        f"the request's content-length is {declared!r} but its body is "
-                        f"{size} bytes",
-                        request=request,
-                    )
-        has_body = not (
-            isinstance(body, httpx.ByteStream)
-            and request.headers.get("content-length") in (None, "0")
-        )
+        declared = request.headers.get("content-length")
+        # A body known in full, read once here (a ByteStream holds one bytes object).
+        content = b"".join(body) if isinstance(body, httpx.ByteStream) else None
+        # A server's h2 ends the whole connection over a wrong length, taking the other
+        # requests on it along: say so here, before anything leaves.
+        if (
+            content is not None
+            and declared is not None
+            and (not declared.isdigit() or int(declared) != len(content))
+        ):
+            raise httpx.LocalProtocolError(
+                f"the request's content-length is {declared!r} but its body is "
+                f"{len(content)} bytes",
+                request=request,
+            )
+        has_body = content is None or declared not in (None, "0")
         # On a tunnel still in its handshake, the request is made during the round
         # trip and leaves with the keys. A body that might have to wait for flow
         # control waits for the handshake first: its failure is a connect error.
@@ -392,8 +392,8 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         # A body known in full (or none) may leave with the head, on an established
         # tunnel (during the handshake, whether a body may go early is decided below).
         whole = None
-        if not early and isinstance(body, httpx.ByteStream):
-            whole = b"".join(body) if has_body else b""
+        if not early and content is not None:
+            whole = content if has_body else b""
             if has_body and not whole:
                 whole = None  # headers that announce a body and none: framed as before
         try:
@@ -410,14 +410,13 @@ class OverlayTransport(httpx.AsyncBaseTransport):
                 await self._established(request, conn)
             raise
         try:
-            if early and has_body and not _fits_early(body, conn, sid):
+            if early and has_body and not _fits_early(content, conn, sid):
                 await self._established(request, conn)
             if has_body:
                 with map_errors("write", request, what):
-                    if isinstance(body, httpx.ByteStream):
+                    if content is not None:
                         # Known in full: END_STREAM rides on its last DATA frame.
-                        data = whole if whole is not None else b"".join(body)
-                        await conn.send_body(sid, data, _timeout(request, "write"))
+                        await conn.send_body(sid, content, _timeout(request, "write"))
                     else:
                         async with aclosing(_chunks(request)) as chunks:
                             await conn.send_body(sid, chunks, _timeout(request, "write"))
@@ -455,14 +454,13 @@ class OverlayTransport(httpx.AsyncBaseTransport):
         )
 
 
-def _fits_early(body: object, conn: H2ClientConnection, sid: int) -> bool:
+def _fits_early(content: bytes | None, conn: H2ClientConnection, sid: int) -> bool:
     """A request body to send before the handshake ends: known in full, small, and
     within the flow-control windows left now (requests share the connection's),
     so sending it cannot wait."""
-    if not isinstance(body, httpx.ByteStream):
+    if content is None:
         return False
-    size = sum(map(len, body))
-    return size <= _EARLY_BODY and conn.can_send_now(sid, size)
+    return len(content) <= _EARLY_BODY and conn.can_send_now(sid, len(content))
 
 
 async def _chunks(request: httpx.Request) -> AsyncGenerator[bytes, None]:
