@@ -101,6 +101,7 @@ def send_message(
     if size > limit or type(headers) is not list or not headers:
         return False
     bound = 0
+    method = authority = None  # the first of each, as h2 takes them
     for field in headers:
         if len(field) != 2:
             return False  # a (name, value, sensitive) triple: h2 knows what to make of it
@@ -108,6 +109,10 @@ def send_message(
         if type(name) is not bytes or type(value) is not bytes:
             return False  # str fields: h2 encodes them
         bound += _HUFFMAN_MOST * (len(name) + len(value)) + _FIELD_SLACK
+        if name == b":method" and method is None:
+            method = value
+        elif name == b":authority" and authority is None:
+            authority = value
     if bound > limit:
         return False  # the block might need CONTINUATION frames
     client = config.client_side
@@ -137,12 +142,6 @@ def send_message(
     machine = stream.state_machine
     machine.process_input(StreamInputs.SEND_HEADERS)
     block = conn.encoder.encode(headers)
-    method = authority = None
-    for name, value in headers:  # the first of each, as h2 takes them
-        if name == b":method" and method is None:
-            method = value
-        elif name == b":authority" and authority is None:
-            authority = value
     if client and stream._authority is None:
         stream._authority = authority
     stream.request_method = method
@@ -169,39 +168,47 @@ def _lean_shaped(kind: int, flags: int) -> bool:
     return kind == _DATA and flags & ~_END_STREAM == 0
 
 
-def _split(data: bytes, pos: int) -> int | None:
-    """Where the frames of `data` from `pos` stop being h2's to read: the start of the
-    longest run of lean-shaped frames ending the read. None if that run is empty, if
-    the read does not end on a frame's end, or if a SETTINGS ACK before the run might
-    change the frame size limit for a frame of it (h2 checks a whole read against the
-    limit in force when it arrived): h2 then reads it all. Shapes only."""
-    lean: int | None = None
+#: a frame of a read: type, flags, stream, where its payload starts, where it ends
+_Frame = tuple[int, int, int, int, int]
+
+
+def _split(data: bytes, pos: int) -> tuple[int, list[_Frame]] | None:
+    """Where the frames of `data` from `pos` stop being h2's to read (the start of the
+    longest run of lean-shaped frames ending the read), and the run's frames. None if
+    that run is empty, if the read does not end on a frame's end, or if a SETTINGS ACK
+    before the run might change the frame size limit for a frame of it (h2 checks a
+    whole read against the limit in force when it arrived): h2 then reads it all.
+    Shapes only."""
+    lean = 0
+    run: list[_Frame] = []
     ack = False  # a SETTINGS ACK before the run
     longest = 0  # the run's longest frame
     end = len(data)
     while pos < end:
         if end - pos < 9:
             return None
-        high, low, kind, flags, _ = _HEADER.unpack_from(data, pos)
+        high, low, kind, flags, stream_id = _HEADER.unpack_from(data, pos)
         length = (high << 8) | low
         if _lean_shaped(kind, flags):
-            if lean is None:
+            if not run:
                 lean, longest = pos, 0
             longest = max(longest, length)
+            run.append((kind, flags, stream_id & 0x7FFFFFFF, pos + 9, pos + 9 + length))
         else:
-            lean = None
+            run = []
             ack = ack or (kind == _SETTINGS and flags & _ACK != 0)
         pos += 9 + length
-    if pos != end or (ack and longest > _SMALLEST_LIMIT):
+    if pos != end or not run or (ack and longest > _SMALLEST_LIMIT):
         return None
-    return lean
+    return lean, run
 
 
 def _plan(
-    conn: H2Connection, data: bytes, pos: int
+    conn: H2Connection, data: bytes, run: list[_Frame]
 ) -> list[tuple[int, int, int, bytes, int]] | None:
-    """The frames of `data` from `pos` as (type, flags, stream, payload, where it ends);
-    None unless `receive` can take each frame as h2 would. Reads state, changes nothing."""
+    """The frames of `run` (from `_split`) as (type, flags, stream, payload, where it
+    ends); None unless `receive` can take each frame as h2 would. Reads state, changes
+    nothing."""
     client = conn.config.client_side
     limit = conn.max_inbound_frame_size
     streams = conn.streams
@@ -209,15 +216,9 @@ def _plan(
     plan: list[tuple[int, int, int, bytes, int]] = []
     headed: set[int] = set()  # streams whose header block is in this read
     ended: set[int] = set()  # streams this read ends
-    end = len(data)
-    while pos < end:
-        high, low, kind, flags, stream_id = _HEADER.unpack_from(data, pos)
-        length = (high << 8) | low
-        start = pos + 9
-        pos = start + length
-        if length > limit:
+    for kind, flags, stream_id, start, stop in run:
+        if stop - start > limit:
             return None
-        stream_id &= 0x7FFFFFFF
         stream = streams.get(stream_id)
         if stream_id in ended:
             return None  # h2 treats a frame after END_STREAM apart
@@ -230,7 +231,7 @@ def _plan(
                 return None  # not a new stream of the client's: h2 says what it is
             else:
                 highest = stream_id
-            plan.append((kind, flags, stream_id, data[start:pos], pos))
+            plan.append((kind, flags, stream_id, data[start:stop], stop))
             headed.add(stream_id)
         else:
             # the body of a message whose head came in this read or earlier
@@ -239,7 +240,7 @@ def _plan(
                     return None
                 if client and not stream.state_machine.headers_received:
                     return None
-            plan.append((kind, flags, stream_id, data[start:pos], pos))
+            plan.append((kind, flags, stream_id, data[start:stop], stop))
         if flags & _END_STREAM:
             ended.add(stream_id)
     return plan
@@ -266,9 +267,10 @@ def receive(conn: H2Connection, data: bytes) -> list[Event] | None:
     preface = buffered._preamble_len
     if preface and data[:preface] != buffered._preamble:
         return None
-    lean = _split(data, preface)
-    if lean is None:
+    split = _split(data, preface)
+    if split is None:
         return None
+    lean, run = split
     events: list[Event] = []
     if lean:
         try:
@@ -278,7 +280,7 @@ def receive(conn: H2Connection, data: bytes) -> list[Event] | None:
             raise
     plan = None
     if conn.state_machine.state in _OPEN and not (buffered._data or buffered._headers_buffer):
-        plan = _plan(conn, data, lean)  # (a header block still open: CONTINUATION must come)
+        plan = _plan(conn, data, run)  # (a header block still open: CONTINUATION must come)
     if plan is None:
         events += conn.receive_data(data[lean:])
         return events
