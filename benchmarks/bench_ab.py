@@ -35,40 +35,26 @@ from typing import Any
 
 from _harness import Children, proc_cpu_seconds
 
-PAYLOAD = {"prompt": "hello", "max_tokens": 16}
-
 
 def child(info: dict[str, Any], server_pid: int) -> None:
     """One build's client: answers each command on stdin with one JSON line."""
     import anyio
     import httpx
+    from bench_http import bulk, sequential, timed_post
 
     from overlay_httpx import Address, Identity, Node, OverlayTransport, PublicIdentity
 
-    def url(peer: dict[str, Any], path: str) -> str:
-        return f"http://{Address.parse(peer['address']).host}{path}"
+    def host(peer: dict[str, Any]) -> str:
+        return f"http://{Address.parse(peer['address']).host}"
 
     async def posts(client: httpx.AsyncClient, count: int) -> dict[str, Any]:
         cpu, server = time.process_time(), proc_cpu_seconds(server_pid)
-        latencies = []
-        for _ in range(count):
-            start = time.perf_counter()
-            (await client.post(url(info, "/v1/echo"), json=PAYLOAD)).raise_for_status()
-            latencies.append(time.perf_counter() - start)
+        latencies = await sequential(client, count)
         return {
             "latencies": latencies,
             "client_cpu": (time.process_time() - cpu) / count,
             "server_cpu": (proc_cpu_seconds(server_pid) - server) / count,
         }
-
-    async def get(client: httpx.AsyncClient) -> float:
-        start, total = time.perf_counter(), 0
-        async with client.stream("GET", url(info, "/bytes/64")) as response:
-            async for chunk in response.aiter_raw():
-                total += len(chunk)
-        if total != 64 << 20:
-            raise RuntimeError(f"the GET gave {total} bytes, expected {64 << 20}")
-        return total / (time.perf_counter() - start) / 1e6
 
     async def main() -> None:
         async with Node(Identity.generate()) as node:
@@ -77,7 +63,10 @@ def child(info: dict[str, Any], server_pid: int) -> None:
                     peer["address"], PublicIdentity.parse(peer["identity"]), peer["endpoint"]
                 )
             fresh = iter(info["peers"])
-            async with httpx.AsyncClient(transport=OverlayTransport(node), timeout=60) as client:
+            transport = OverlayTransport(node)
+            async with httpx.AsyncClient(
+                transport=transport, base_url=host(info), timeout=60
+            ) as client:
                 await posts(client, 200)  # warm-up
                 print(json.dumps("ready"), flush=True)
                 for line in sys.stdin:
@@ -87,12 +76,9 @@ def child(info: dict[str, Any], server_pid: int) -> None:
                         result = await posts(client, int(arg[0]))
                     elif command == "cold":
                         await anyio.sleep(0.02)
-                        start = time.perf_counter()
-                        target = url(next(fresh), "/v1/echo")
-                        (await client.post(target, json=PAYLOAD)).raise_for_status()
-                        result = time.perf_counter() - start
+                        result = await timed_post(client, host(next(fresh)) + "/v1/echo")
                     else:
-                        result = await get(client)
+                        result = await bulk(client, 64)
                     print(json.dumps(result), flush=True)
 
     anyio.run(main)
