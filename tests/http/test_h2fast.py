@@ -102,9 +102,7 @@ class _Both:
 
     def deliver(self, side: int, cuts: list[int]) -> list[Event]:
         """What `side` queued, to the other side in pieces cut at `cuts`; returns the events."""
-        wires = [pair[side].data_to_send() for pair in (self.lean, self.plain)]
-        assert wires[0] == wires[1]
-        wire = wires[0]
+        wire = _sent(self, side)
         bounds = sorted({0, len(wire), *(c % (len(wire) + 1) for c in cuts)})
         got: list[list[Event]] = [[], []]
         errors: list[type[Exception] | None] = [None, None]
@@ -211,20 +209,22 @@ def _exchanges(both: _Both, data: st.DataObject) -> None:
             both.deliver(1, [])
 
 
-def _read_by_both(both: _Both, read: bytes, side: int = 1) -> None:
+def _read_by_both(both: _Both, read: bytes, side: int = 1, *, lean: bool = False) -> Any:
     """`read` to both servers (`side` 0: clients): the same events (or error), GOAWAY and
-    state either way."""
+    state either way; `lean`: the lean path must read it itself. Returns the outcome."""
     outcomes = []
     for conn, fast in ((both.lean[side], True), (both.plain[side], False)):
         try:
             events = _h2fast.receive(conn, read) if fast else None
             if events is None:
+                assert not (fast and lean), "the read took h2's path"
                 events = conn.receive_data(read)
             outcomes.append(("events", _events(events)))
         except ProtocolError as exc:
             outcomes.append(("error", type(exc).__name__))
         outcomes.append(_h2fast._state(conn))
     assert outcomes[:2] == outcomes[2:]
+    return outcomes[0]
 
 
 def _warm(both: _Both) -> bytes:
@@ -233,9 +233,7 @@ def _warm(both: _Both) -> bytes:
         both.send(0, stream_id, [*POST, (b"content-length", b"2")], b"hi")
         both.deliver(0, [])
     both.send(0, 5, [*POST, (b"content-length", b"2")], b"hi")
-    wire = both.lean[0].data_to_send()
-    assert wire == both.plain[0].data_to_send()
-    return wire
+    return _sent(both, 0)
 
 
 @fuzz_settings(300)
@@ -463,10 +461,10 @@ def test_a_body_over_the_flow_control_window_is_left_to_h2() -> None:
     assert both.taken["send"] == 1
 
 
-def _sent(both: _Both) -> bytes:
-    """What the servers queued (the same on both), taken from them."""
-    wire = both.lean[1].data_to_send()
-    assert wire == both.plain[1].data_to_send()
+def _sent(both: _Both, side: int = 1) -> bytes:
+    """What the servers (`side` 0: clients) queued, the same on both, taken from them."""
+    wire = both.lean[side].data_to_send()
+    assert wire == both.plain[side].data_to_send()
     return wire
 
 
@@ -476,22 +474,9 @@ def test_a_body_short_of_its_content_length_ends_the_connection_as_h2_does() -> 
     for i, body in enumerate([b"hi!", b"hi"]):  # a new block, then one the cache knows
         both.call(0, "send_headers", 1 + 2 * i, head)
         both.call(0, "send_data", 1 + 2 * i, body, True)
-        wire = both.lean[0].data_to_send()
-        assert wire == both.plain[0].data_to_send()
-        outcomes = []
-        for conn, fast in ((both.lean[1], True), (both.plain[1], False)):
-            try:
-                events = _h2fast.receive(conn, wire) if fast else None
-                if events is None:
-                    assert not fast, "the request took h2's path"
-                    events = conn.receive_data(wire)
-                outcomes.append(_events(events))
-            except ProtocolError as exc:
-                outcomes.append(type(exc).__name__)
-            outcomes.append(conn.data_to_send())
-        assert outcomes[:2] == outcomes[2:]
-    assert outcomes[0] == "InvalidBodyLengthError"
-    assert outcomes[1][3:4] == b"\x07"  # a GOAWAY went out
+        outcome = _read_by_both(both, _sent(both, 0), lean=True)
+    assert outcome == ("error", "InvalidBodyLengthError")
+    assert _sent(both)[3:4] == b"\x07"  # a GOAWAY went out
 
 
 def test_the_self_check_turns_the_path_off_when_h2_would_differ(
