@@ -42,7 +42,7 @@ from hpack import Decoder, HeaderTuple
 
 from . import _h2compat
 
-__all__ = ["ENABLED", "receive", "send_message"]
+__all__ = ["ENABLED", "receive", "receive_data", "send_message"]
 
 _HEADER: Final = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream
 _DATA: Final = 0x0
@@ -315,6 +315,12 @@ def receive(conn: H2Connection, data: bytes) -> list[Event] | None:
             conn._terminate_connection(exc.error_code)
         raise
     return events
+
+
+def receive_data(conn: H2Connection, data: bytes) -> list[Event]:
+    """h2's ``receive_data(data)``: by this path where `receive` takes the read, else h2's."""
+    events = receive(conn, data)
+    return conn.receive_data(data) if events is None else events
 
 
 # -- the self-check ----------------------------------------------------------------------------

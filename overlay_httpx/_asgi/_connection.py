@@ -351,9 +351,7 @@ class Connection:
             if writing:  # what is queued already is not the peer's doing: set it apart
                 self._unsent += h2.data_to_send()
             try:
-                events = _h2fast.receive(h2, data)
-                if events is None:
-                    events = h2.receive_data(data)
+                events = _h2fast.receive_data(h2, data)
             except Exception as exc:  # ProtocolError, or whatever else garbage provokes
                 self._protocol_error(exc)
             else:

@@ -287,9 +287,7 @@ class H2ClientConnection:
 
     def _feed(self, data: bytes) -> None:
         try:
-            events = _h2fast.receive(self._h2, data)
-            if events is None:
-                events = self._h2.receive_data(data)
+            events = _h2fast.receive_data(self._h2, data)
         except h2.exceptions.ProtocolError as exc:
             logger.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
             self._fail(exc)
